@@ -1,0 +1,474 @@
+"""The MoEDeployment API: pydantic v2 models, the single source of truth.
+
+``moeshard crd`` turns these models into crds/moedeployments.yaml; every field
+description here becomes ``kubectl explain`` text. Cross-field rules live in
+two places that must agree: the ``model_validator`` methods below (Python) and
+the CEL ``x-kubernetes-validations`` that crd.py attaches (API server). Both
+are tested against the same bad specs.
+
+JSON field names are camelCase (``attentionTP``, ``expertEP``); Python names
+are snake_case. Parse with ``MoEDeploymentSpec.model_validate(spec_dict)``,
+serialise with ``model_dump(by_alias=True, exclude_none=True)``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from .architectures import ARCHITECTURES, PRESETS, ModelArchitecture, get_preset
+from .hardware import PROFILES, HardwareProfile, get_profile, GB, TB, US
+
+GROUP = "moeshard.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "MoEDeployment"
+PLURAL = "moedeployments"
+SINGULAR = "moedeployment"
+SHORT_NAMES = ["moed"]
+
+DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
+_DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Kubernetes object names (RFC 1123 label); the deployment name prefixes child names.
+NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME_LENGTH = 40  # leaves room for "-r<replica>-<pod>" suffixes within 63
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration such as ``5m``, ``90s`` or ``1h30m``."""
+    if not re.fullmatch(DURATION_PATTERN, text or ""):
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m or 1h30m")
+    return sum(int(n) * _DURATION_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ArchitectureFields(_Section):
+    """Architecture of a model that is not a preset (the figures of its config.json)."""
+
+    type: Literal["qwen3_moe", "mixtral", "deepseek_v3"] = Field(
+        description="Hugging Face model_type of the architecture."
+    )
+    num_layers: int = Field(ge=1, description="Decoder layers (num_hidden_layers).")
+    hidden_size: int = Field(ge=1, description="Hidden size H.")
+    num_experts: int = Field(ge=1, description="Routed experts per MoE layer E.")
+    top_k: int = Field(ge=1, description="Experts each token is routed to (num_experts_per_tok).")
+    expert_intermediate_size: int = Field(ge=1, description="Intermediate size I of one expert.")
+    num_attention_heads: int = Field(ge=1, description="Query heads.")
+    num_kv_heads: int = Field(ge=1, alias="numKVHeads", description="Key/value heads (GQA).")
+    head_dim: int = Field(ge=1, description="Dimension of one attention head.")
+    vocab_size: int = Field(ge=1, description="Vocabulary size.")
+    first_dense_layers: int = Field(0, ge=0, description="Leading layers with a dense FFN instead of MoE.")
+    dense_intermediate_size: int = Field(0, ge=0, description="Intermediate size of the dense FFN layers.")
+    shared_experts: int = Field(0, ge=0, description="Always-active experts per MoE layer, replicated on every rank.")
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> "ArchitectureFields":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"topK ({self.top_k}) exceeds numExperts ({self.num_experts})")
+        if self.first_dense_layers >= self.num_layers:
+            raise ValueError("firstDenseLayers must leave at least one MoE layer")
+        return self
+
+
+class WeightsSource(_Section):
+    """Where the engine pods read the checkpoint from."""
+
+    uri: str = Field(
+        description="Checkpoint location: hf://ORG/NAME (Hugging Face repo), pvc://CLAIM/PATH "
+        "(a PersistentVolumeClaim mounted read-only), or file:///PATH (a host path already on the node).",
+        pattern=r"^(hf://[^/]+/[^/]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*)$",
+    )
+    revision: str | None = Field(None, description="Revision (branch, tag or commit) for hf:// sources.")
+
+
+class ModelSpec(_Section):
+    """Which MoE model to serve: a preset name or the architecture's figures."""
+
+    preset: Literal[tuple(sorted(PRESETS))] | None = Field(  # type: ignore[valid-type]
+        None, description="Name of a built-in model preset. Exactly one of preset and architecture."
+    )
+    architecture: ArchitectureFields | None = Field(
+        None, description="Figures of a custom architecture. Exactly one of preset and architecture."
+    )
+    weights: WeightsSource | None = Field(None, description="Checkpoint source for the engine pods.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ModelSpec":
+        if (self.preset is None) == (self.architecture is None):
+            raise ValueError("set exactly one of preset and architecture")
+        return self
+
+    def resolve(self) -> ModelArchitecture:
+        if self.preset is not None:
+            return get_preset(self.preset)
+        a = self.architecture
+        assert a is not None  # guaranteed by _exactly_one
+        return ModelArchitecture(
+            name="custom", architecture=a.type, num_layers=a.num_layers, hidden_size=a.hidden_size,
+            num_experts=a.num_experts, top_k=a.top_k, expert_intermediate_size=a.expert_intermediate_size,
+            num_attention_heads=a.num_attention_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+            vocab_size=a.vocab_size, first_dense_layers=a.first_dense_layers,
+            dense_intermediate_size=a.dense_intermediate_size, shared_experts=a.shared_experts,
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return self.resolve().num_experts
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+class CustomHardware(_Section):
+    """Figures that replace the profile's. Omitted figures keep the profile's value."""
+
+    gpus_per_node: int | None = Field(None, ge=1, le=64, description="GPUs in one node (one pod at most).")
+    gpus_per_domain: int | None = Field(None, ge=1, description="GPUs in one NVLink domain.")
+    nvlink_g_bps: float | None = Field(None, gt=0, alias="nvlinkGBps", description="NVLink bandwidth per GPU, each way, GB/s.")
+    fabric_g_bps: float | None = Field(None, gt=0, alias="fabricGBps", description="Fabric (InfiniBand/RoCE) bandwidth per GPU, each way, GB/s.")
+    nvlink_latency_micros: float | None = Field(None, ge=0, description="Per-message latency to one NVLink peer, microseconds.")
+    fabric_latency_micros: float | None = Field(None, ge=0, description="Per-message latency to one peer across the fabric, microseconds.")
+    hbm_g_bps: float | None = Field(None, gt=0, alias="hbmGBps", description="GPU memory bandwidth, GB/s.")
+    bf16_t_flops: float | None = Field(None, gt=0, alias="bf16TFlops", description="Dense BF16 throughput, TFLOP/s.")
+    memory_gb: float | None = Field(None, gt=0, alias="memoryGB", description="Memory per GPU, GB.")
+
+    def overrides(self) -> dict[str, float]:
+        pairs = {
+            "gpus_per_node": (self.gpus_per_node, 1),
+            "gpus_per_domain": (self.gpus_per_domain, 1),
+            "nvlink_bytes_per_s": (self.nvlink_g_bps, GB),
+            "fabric_bytes_per_s": (self.fabric_g_bps, GB),
+            "nvlink_latency_s": (self.nvlink_latency_micros, US),
+            "fabric_latency_s": (self.fabric_latency_micros, US),
+            "hbm_bytes_per_s": (self.hbm_g_bps, GB),
+            "bf16_flops": (self.bf16_t_flops, TB),
+            "memory_bytes": (self.memory_gb, GB),
+        }
+        return {k: v * scale for k, (v, scale) in pairs.items() if v is not None}
+
+
+class HardwareSpec(_Section):
+    """The GPU type the deployment runs on."""
+
+    profile: Literal[tuple(sorted(PROFILES))] = Field(  # type: ignore[valid-type]
+        description="Hardware profile: h100-hgx, h200-hgx, b200-hgx, gb200-nvl72, or cpu (engine processes "
+        "without GPUs, for tests and demos)."
+    )
+    custom: CustomHardware | None = Field(None, description="Figures that override the profile's.")
+
+    @model_validator(mode="after")
+    def _domain_holds_nodes(self) -> "HardwareSpec":
+        hw = self.resolve()
+        if hw.gpus_per_domain % hw.gpus_per_node and hw.gpus_per_domain > hw.gpus_per_node:
+            raise ValueError(
+                f"gpusPerDomain ({hw.gpus_per_domain}) must be a multiple of gpusPerNode ({hw.gpus_per_node})"
+            )
+        return self
+
+    def resolve(self) -> HardwareProfile:
+        base = get_profile(self.profile)
+        return base.with_overrides(**self.custom.overrides()) if self.custom else base
+
+
+# --------------------------------------------------------------------------- parallelism, workload
+
+
+class ParallelismSpec(_Section):
+    """Fixed parallel sizes. Each is optional: the planner chooses what is left out."""
+
+    attention_tp: int | None = Field(
+        None, ge=1, le=64, alias="attentionTP",
+        description="Tensor-parallel size of attention. Divides expertEP; a TP group stays inside one pod.",
+    )
+    expert_ep: int | None = Field(
+        None, ge=1, le=1024, alias="expertEP",
+        description="Expert-parallel size: GPUs in one replica. Divides numExperts + redundantSlots.",
+    )
+    replicas: int = Field(
+        1, ge=0, le=1024,
+        description="Data-parallel replicas (EP groups). Changed by the scale subresource (kubectl scale, HPA).",
+    )
+    allow_cross_domain: bool = Field(
+        False,
+        description="Allow an EP group larger than one NVLink domain (its all-to-all then crosses the fabric).",
+    )
+
+    @model_validator(mode="after")
+    def _tp_divides_ep(self) -> "ParallelismSpec":
+        if self.attention_tp and self.expert_ep and self.expert_ep % self.attention_tp:
+            raise ValueError(f"attentionTP ({self.attention_tp}) must divide expertEP ({self.expert_ep})")
+        return self
+
+
+class WorkloadSpec(_Section):
+    """The traffic the plan is sized for."""
+
+    prefill_tokens: int = Field(
+        6000, ge=1, le=1_000_000, description="Tokens in one prefill batch of one replica (chunked prefill size)."
+    )
+    decode_batch: int = Field(128, ge=1, le=65536, description="Concurrent decoding sequences per replica.")
+    context_length: int = Field(4096, ge=1, le=2_000_000, description="Tokens of KV cache kept per sequence.")
+
+
+# --------------------------------------------------------------------------- balancing
+
+
+class LoadBalancingSpec(_Section):
+    """Replication of hot experts from measured load (the balancer)."""
+
+    enabled: bool = Field(True, description="Recompute expert replication every interval.")
+    interval: str = Field("5m", pattern=DURATION_PATTERN, description="How often to rebalance (Go duration).")
+    window: str = Field("5m", pattern=DURATION_PATTERN, description="Rolling window of expert load read from Prometheus.")
+    redundant_slots: int = Field(
+        0, ge=0, le=4096,
+        description="Extra physical expert slots per MoE layer for replicas of hot experts, over the whole EP group.",
+    )
+    improvement_threshold: float = Field(
+        0.05, ge=0, le=1,
+        description="Apply a new placement only when it lowers predicted max/mean GPU load by at least this fraction.",
+    )
+    max_moves_per_cycle: int | None = Field(
+        None, ge=0, description="Most expert weight copies moved in one rebalance (per layer); unset means no cap."
+    )
+    prometheus_url: str = Field(
+        "http://prometheus-operated.monitoring.svc:9090", alias="prometheusURL",
+        pattern=r"^https?://.+", description="Prometheus HTTP API base URL.",
+    )
+
+    @field_validator("interval", "window")
+    @classmethod
+    def _positive_duration(cls, value: str) -> str:
+        if parse_duration(value) <= 0:
+            raise ValueError("must be longer than zero")
+        return value
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Toleration(_Section):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(None, description="Taint key to tolerate.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect.")
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+class Scheduling(_Section):
+    """Where engine pods may run."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels every engine pod requires.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU node taints.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of engine pods.")
+    kueue_queue: str | None = Field(None, description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name).")
+    topology_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra pod-template annotations for topology-aware schedulers "
+        "(e.g. kueue.x-k8s.io/podset-required-topology).",
+    )
+    compute_domain: bool = Field(
+        False,
+        description="Claim an NVIDIA DRA ComputeDomain per replica so a multi-node NVLink group gets IMEX channels.",
+    )
+
+
+class Resources(_Section):
+    """Non-GPU resources of each engine pod (GPUs come from the plan)."""
+
+    cpu: str = Field("8", description="CPU request and limit per pod.")
+    memory: str = Field("64Gi", description="Memory request and limit per pod.")
+
+
+class RestartBudget(_Section):
+    """How often a replica group may be recreated before the deployment fails."""
+
+    max_restarts: int = Field(3, ge=0, description="Group recreations allowed within window.")
+    window: str = Field("30m", pattern=DURATION_PATTERN, description="Window over which restarts are counted.")
+
+
+class EngineSpec(_Section):
+    """The engine pods."""
+
+    image: str = Field("ghcr.io/moeshard/engine:0.1.0", description="Engine container image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Image pull policy."
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the completions API on rank 0 of a group.")
+    resources: Resources = Field(default_factory=Resources, description="CPU and memory per pod.")
+    group_kind: Literal["StatefulSet", "LeaderWorkerSet"] = Field(
+        "StatefulSet", description="Object that runs one replica group. LeaderWorkerSet needs its CRD installed."
+    )
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Scheduling hooks.")
+    restart_budget: RestartBudget = Field(default_factory=RestartBudget, description="Group restart budget.")
+    max_unavailable: int = Field(1, ge=1, description="Replica groups that may be rolled at once.")
+
+
+# --------------------------------------------------------------------------- the resource
+
+
+class MoEDeploymentSpec(_Section):
+    """Desired state of a MoEDeployment."""
+
+    model: ModelSpec = Field(description="The MoE model to serve.")
+    hardware: HardwareSpec = Field(description="GPU type and interconnect.")
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec, description="Fixed parallel sizes.")
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec, description="Traffic the plan is sized for.")
+    load_balancing: LoadBalancingSpec = Field(default_factory=LoadBalancingSpec, description="Hot-expert replication.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="Engine pods.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "MoEDeploymentSpec":
+        # The rules below are mirrored by CEL rules in crd.py (SPEC_RULES).
+        arch = self.model.resolve()
+        hw = self.hardware.resolve()
+        slots = arch.num_experts + self.load_balancing.redundant_slots
+        ep, tp = self.parallelism.expert_ep, self.parallelism.attention_tp
+        if ep is not None and slots % ep:
+            raise ValueError(
+                f"parallelism.expertEP ({ep}) must divide numExperts + loadBalancing.redundantSlots ({slots})"
+            )
+        if ep is not None and ep > arch.num_experts:
+            raise ValueError(f"parallelism.expertEP ({ep}) exceeds the model's {arch.num_experts} experts")
+        if tp is not None and tp > hw.gpus_per_node:
+            raise ValueError(
+                f"parallelism.attentionTP ({tp}) exceeds the {hw.gpus_per_node} GPUs of one node: "
+                "a TP group must stay inside one pod"
+            )
+        if tp is not None and arch.num_attention_heads % tp:
+            raise ValueError(
+                f"parallelism.attentionTP ({tp}) must divide the model's {arch.num_attention_heads} attention heads"
+            )
+        return self
+
+
+class Condition(_Section):
+    """A status condition (metav1.Condition)."""
+
+    type: str = Field(description="Planned, Available, Progressing, Degraded, Balanced or MetricsAvailable.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail; names the spec field for bad input.")
+    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="Generation the condition was computed from.")
+
+
+class PlanStatus(_Section):
+    """The plan the operator deployed, with its estimates."""
+
+    attention_tp: int = Field(alias="attentionTP", description="Attention tensor-parallel size.")
+    expert_ep: int = Field(alias="expertEP", description="Expert-parallel size (GPUs per replica).")
+    replicas: int = Field(description="DP replicas.")
+    pods_per_replica: int = Field(description="Pods in one replica group.")
+    gpus_per_pod: int = Field(description="GPUs (engine ranks) per pod.")
+    slots_per_gpu: int = Field(description="Physical expert slots per GPU and layer.")
+    crosses_fabric: bool = Field(description="Whether one replica's all-to-all leaves the NVLink domain.")
+    tokens_per_expert: float = Field(description="Mean tokens per expert in one prefill batch.")
+    dispatch_micros: float = Field(description="Estimated dispatch time per MoE layer, microseconds.")
+    gemm_micros: float = Field(description="Estimated expert GEMM time per MoE layer, microseconds.")
+    combine_micros: float = Field(description="Estimated combine time per MoE layer, microseconds.")
+    step_micros: float = Field(description="Estimated time per layer of the planner's objective, microseconds.")
+    verdict: str = Field(description="Bottleneck of the plan.")
+
+
+class MoEDeploymentStatus(_Section):
+    """Observed state, written only by the operator."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    observed_generation: int | None = Field(None, description="Generation of spec that status reflects.")
+    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = Field(
+        None, description="Pending, Progressing, Ready, Degraded or Failed."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
+    plan: PlanStatus | None = Field(None, description="Chosen parallelism plan and its estimates.")
+    replicas: int | None = Field(None, description="Replica groups desired (scale subresource status).")
+    ready_replicas: int | None = Field(None, description="Replica groups with every pod ready.")
+    selector: str | None = Field(None, description="Label selector of engine pods (scale subresource).")
+    placement_version: int | None = Field(None, description="Version of the expert placement in the ConfigMap.")
+    imbalance_before: float | None = Field(None, description="Max/mean GPU load under the previous placement.")
+    imbalance_after: float | None = Field(None, description="Predicted max/mean GPU load under the current placement.")
+    replicated_experts: int | None = Field(None, description="Logical experts with more than one replica (all layers).")
+    last_rebalance_time: str | None = Field(None, description="When the placement last changed (RFC 3339).")
+
+
+class SpecError(ValueError):
+    """A bad MoEDeployment spec; ``field`` is the JSON path (``spec.parallelism.expertEP``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+_FIELD_IN_MESSAGE = re.compile(r"^((?:parallelism|loadBalancing|model|hardware|workload|engine)\.[A-Za-z.]+)")
+_LOCAL_FIELD_IN_MESSAGE = re.compile(r"^([a-z][A-Za-z0-9]*) \(")
+
+
+def _error_path(error: dict[str, Any], prefix: str) -> str:
+    parts = [prefix] + [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    message = error["msg"].removeprefix("Value error, ")
+    # A model validator names the field itself ("parallelism.expertEP (12) must ..."):
+    # prefer that path to the section the validator sits on.
+    match = _FIELD_IN_MESSAGE.match(message)
+    if match:
+        return f"{prefix}.{match.group(1)}"
+    match = _LOCAL_FIELD_IN_MESSAGE.match(message)
+    if match and error["type"] == "value_error":
+        parts.append(match.group(1))
+    return ".".join(parts)
+
+
+def parse_spec(spec: Any, prefix: str = "spec") -> MoEDeploymentSpec:
+    """Validate a spec dict; raise SpecError naming the first bad field in one line."""
+    if not isinstance(spec, dict):
+        raise SpecError(prefix, f"must be an object, got {type(spec).__name__}")
+    try:
+        return MoEDeploymentSpec.model_validate(spec)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        return_path = _error_path(error, prefix)
+        raise SpecError(return_path, message) from None
+
+
+def parse_resource(body: Any) -> MoEDeploymentSpec:
+    """Validate a whole MoEDeployment object (apiVersion, kind, metadata.name, spec)."""
+    if not isinstance(body, dict):
+        raise SpecError("(document)", "must be a YAML mapping with apiVersion, kind, metadata and spec")
+    if body.get("apiVersion") != API_VERSION:
+        raise SpecError("apiVersion", f"must be {API_VERSION}, got {body.get('apiVersion')!r}")
+    if body.get("kind") != KIND:
+        raise SpecError("kind", f"must be {KIND}, got {body.get('kind')!r}")
+    name = (body.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or len(name) > MAX_NAME_LENGTH:
+        raise SpecError(
+            "metadata.name",
+            f"must be a lowercase DNS label of at most {MAX_NAME_LENGTH} characters, got {name!r}",
+        )
+    return parse_spec(body.get("spec"))
+
+
+__all__ = [
+    "API_VERSION", "ARCHITECTURES", "GROUP", "KIND", "PLURAL", "SHORT_NAMES", "SINGULAR", "VERSION",
+    "ArchitectureFields", "Condition", "CustomHardware", "EngineSpec", "HardwareSpec", "LoadBalancingSpec",
+    "MoEDeploymentSpec", "MoEDeploymentStatus", "ModelSpec", "ParallelismSpec", "PlanStatus", "SpecError",
+    "WorkloadSpec", "parse_duration", "parse_resource", "parse_spec",
+]

@@ -1,0 +1,66 @@
+"""``moeshard`` command line: one entry point, one module per subcommand.
+
+Each subcommand module exposes ``HELP`` (one line), ``configure(parser)`` and
+``run(args) -> int``. Modules are imported when the parser is built, so none
+of them may import torch at module level (``moeshard --help`` stays fast and
+the operator image needs no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .api import SpecError
+from .architectures import ConfigError
+from .placement import PlacementError
+
+COMMANDS: dict[str, str] = {
+    "plan": "moeshard.operator.commands.plan",
+    "crd": "moeshard.operator.commands.crd",
+    "render": "moeshard.operator.commands.render",
+    "operator": "moeshard.operator.commands.run_operator",
+    "balance": "moeshard.operator.commands.balance",
+    "engine": "moeshard.engine.cli",
+}
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeshard",
+        description="Serve Mixture-of-Experts models on Kubernetes: plan parallelism, render and operate "
+        "MoEDeployments, run the EP/TP engine, rebalance hot experts.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # not built in this checkout
+                continue
+            raise
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.configure(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (SpecError, ConfigError, PlacementError, CommandError, FileNotFoundError) as exc:
+        print(f"moeshard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
