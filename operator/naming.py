@@ -1,0 +1,61 @@
+"""Names and labels of the objects the operator owns, and of the metrics the engine exports.
+
+One place, so that the operator, the balancer, the engine and the chart agree.
+"""
+
+from __future__ import annotations
+
+from .api import GROUP
+
+# Labels on every child object and engine pod.
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_DEPLOYMENT = f"{GROUP}/deployment"
+LABEL_REPLICA = f"{GROUP}/replica"
+FINALIZER = f"{GROUP}/cleanup"
+
+# Metrics exported by the engine (moeshard.engine) and read by the balancer.
+METRIC_EXPERT_TOKENS = "moeshard_expert_tokens_total"  # counter {layer, expert} + the scope labels below
+METRIC_RANK_TOKENS = "moeshard_rank_tokens_total"  # counter {rank}
+METRIC_REQUEST_LATENCY = "moeshard_request_latency_seconds"  # histogram
+METRIC_PLACEMENT_VERSION = "moeshard_placement_version"  # gauge
+METRIC_PLACEMENT_REJECTED = "moeshard_placement_rejected_total"  # counter: invalid placement files refused
+# Scope labels the engine adds to every metric so one Prometheus can hold many deployments.
+SCOPE_DEPLOYMENT = "moeshard_deployment"
+SCOPE_NAMESPACE = "moeshard_namespace"
+SCOPE_REPLICA = "moeshard_replica"
+
+
+def base_labels(name: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "moeshard-engine",
+        LABEL_INSTANCE: name,
+        LABEL_MANAGED_BY: "moeshard-operator",
+        LABEL_DEPLOYMENT: name,
+    }
+
+
+def pod_selector(name: str) -> str:
+    """Label selector of all engine pods of a deployment (status.selector for /scale)."""
+    return f"{LABEL_DEPLOYMENT}={name},{LABEL_NAME}=moeshard-engine"
+
+
+def config_map_name(name: str) -> str:
+    """ConfigMap with plan.json and placement.json."""
+    return f"{name}-config"
+
+
+def group_name(name: str, replica: int) -> str:
+    """StatefulSet / LeaderWorkerSet of replica group ``replica``."""
+    return f"{name}-r{replica}"
+
+
+def headless_service_name(name: str, replica: int) -> str:
+    return f"{name}-r{replica}-ranks"
+
+
+def service_name(name: str) -> str:
+    """Service in front of rank 0 of every replica."""
+    return name
