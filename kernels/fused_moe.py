@@ -1,0 +1,418 @@
+"""Fused grouped expert FFN (SwiGLU) for the tokens routed to local experts.
+
+    Router -> Dispatch -> [ Experts ] -> Combine
+                             this module: align -> gate/up GEMM + SiLU*up
+                                          -> down GEMM (x routing weight) -> combine
+
+Shape legend: T tokens, K experts per token, E local experts, H hidden size,
+I expert intermediate size, N = T*K pairs, P_max padded pair slots
+(see :mod:`moeshard.kernels.moe_align`).
+
+Weights follow the fused in-memory layout of transformers' MoE blocks:
+  w_gate_up [E, 2I, H]: rows 0..I-1 gate, rows I..2I-1 up (gate = x @ w[e, :I].T)
+  w_down    [E, H, I]:  out = act @ w_down[e].T
+
+    y[t] = sum_k  c[t, k] * W_down[e] (SiLU(W_gate[e] x[t]) * W_up[e] x[t]),  e = topk_ids[t, k]
+
+with c = topk_weights (or 1 when ``apply_weights=False``); pairs whose id is
+-1 (or outside [0, E)) are computed elsewhere and contribute zero.
+
+Triton path (CUDA, or CPU through the interpreter when
+``MOESHARD_FORCE_TRITON=1``):
+  1. align pairs by expert, segments padded to BLOCK_M (sync-free);
+  2. ``_expert_gate_up_kernel``: each program takes BLOCK_M slots of one
+     expert, gathers their token rows of x, runs the gate and up GEMMs in the
+     same K loop (two accumulators) and writes SiLU(gate)*up to act [P_max, I];
+  3. ``_expert_down_kernel``: act @ w_down[e].T, times the routing weight,
+     scattered to the pair's row of y [N, H] (split-K: fp32 atomic adds);
+  4. ``moe_combine``: sum of each token's K rows -> [T, H].
+Tile sizes come from the token-count bucket (:mod:`moeshard.kernels.launch_config`).
+
+Torch twin (CPU): stable sort of pairs by expert, one gate/up and one down
+matmul per expert on its contiguous segment, weighted ``index_add_`` into a
+float32 output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# First: picks Triton's interpreter on machines without CUDA, before triton loads.
+from moeshard.kernels.triton_launch import launchable, triton_requested
+
+import triton
+import triton.language as tl
+
+from moeshard.kernels.launch_config import LaunchConfig, select_launch_config
+from moeshard.kernels.moe_align import AlignedRouting, moe_align_block_size
+from moeshard.kernels.moe_combine import moe_combine
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _expert_gate_up_kernel(
+    x_ptr,  # [T, H]
+    w_ptr,  # [E, 2I, H]
+    act_ptr,  # [P_max, I] out: SiLU(gate) * up per slot
+    sorted_ptr,  # [P_max] int32 pair index per slot, sentinel = num_pairs
+    block_expert_ptr,  # [B_max] int32 expert per block of BLOCK_M slots
+    num_padded_ptr,  # [1] int32 slots in use
+    num_pairs,
+    top_k,
+    hidden,
+    inter,
+    num_blocks_m,
+    stride_xt,
+    stride_we,
+    stride_wn,
+    stride_am,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # 1. Tile coordinates, GROUP_M slot-blocks side by side so that weight
+    #    tiles are reused from L2.
+    pid = tl.program_id(0)
+    num_blocks_n = tl.cdiv(inter, BLOCK_N)
+    group = pid // (GROUP_M * num_blocks_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_blocks_n)) // group_size
+    # 2. Blocks past the padded length have nothing to do.
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    row_ok = pair < num_pairs  # padding slots hold the sentinel: never read through it
+    token = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]
+    wg_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    wu_ptrs = wg_ptrs + inter * stride_wn
+    # 3. Gate and up GEMMs in one K loop: x tile loaded once for both.
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(hidden, BLOCK_K)):
+        k_ok = offs_k < hidden - kb * BLOCK_K
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        bu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_gate = tl.dot(a, bg, acc_gate)
+        acc_up = tl.dot(a, bu, acc_up)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    # 4. SwiGLU in float32, one rounding on store.
+    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    act_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_n[None, :]
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _expert_down_kernel(
+    act_ptr,  # [P_max, I]
+    w_ptr,  # [E, H, I]
+    y_ptr,  # [N, H] out, one row per pair (fp32 and zeroed when SPLIT_K > 1)
+    weights_ptr,  # [N] routing weight per pair
+    sorted_ptr,
+    block_expert_ptr,
+    num_padded_ptr,
+    num_pairs,
+    hidden,
+    inter,
+    num_blocks_m,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_ym,
+    MUL_WEIGHT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_blocks_n = tl.cdiv(hidden, BLOCK_N)
+    group = pid // (GROUP_M * num_blocks_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_blocks_n)) // group_size
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    row_ok = pair < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # This program's share of the I reduction: K blocks pid_k, pid_k+SPLIT_K, ...
+    for kb in range(pid_k, tl.cdiv(inter, BLOCK_K), SPLIT_K):
+        k_ok = offs_k < inter - kb * BLOCK_K
+        a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + (kb * BLOCK_K + offs_k[None, :])
+        b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + (kb * BLOCK_K + offs_k[:, None])
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    if MUL_WEIGHT:
+        w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    mask = row_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def check_expert_ffn_inputs(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> tuple[int, int, int, int, int]:
+    """Validate shapes, dtypes and devices; return (T, K, E, H, I)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
+    t, h = x.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
+        raise ValueError(f"topk_ids must be [T, K] with T={t}, got shape {tuple(topk_ids.shape)}")
+    k = topk_ids.shape[1]
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}"
+        )
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != h or w_gate_up.shape[1] % 2:
+        raise ValueError(f"w_gate_up must be [E, 2I, H] with H={h}, got shape {tuple(w_gate_up.shape)}")
+    e, two_i, _ = w_gate_up.shape
+    i = two_i // 2
+    if w_down.shape != (e, h, i):
+        raise ValueError(f"w_down must be [E, H, I] = [{e}, {h}, {i}], got shape {tuple(w_down.shape)}")
+    if e < 1:
+        raise ValueError(f"w_gate_up must hold at least one expert, got shape {tuple(w_gate_up.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
+    if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        raise ValueError(
+            f"weights must have x's dtype {x.dtype}, got w_gate_up {w_gate_up.dtype}, w_down {w_down.dtype}"
+        )
+    if topk_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"topk_ids must be int64 or int32, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise ValueError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    devices = {x.device, topk_ids.device, topk_weights.device, w_gate_up.device, w_down.device}
+    if len(devices) != 1:
+        raise ValueError(
+            f"all inputs must be on one device, got x {x.device}, topk_ids {topk_ids.device}, "
+            f"topk_weights {topk_weights.device}, w_gate_up {w_gate_up.device}, w_down {w_down.device}"
+        )
+    return t, k, e, h, i
+
+
+def device_name(device: torch.device) -> str:
+    """Name used to key tuned tables: the CUDA device name, else the device type."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def expert_ffn_launch_config(
+    num_tokens: int, top_k: int, num_experts: int, intermediate: int, device: torch.device | str
+) -> tuple[str, LaunchConfig]:
+    """(bucket, config) that :func:`fused_expert_ffn_triton` uses for these sizes."""
+    return select_launch_config(num_tokens, top_k, num_experts, intermediate, device_name(torch.device(device)))
+
+
+def _gate_up(x, w_gate_up, routing: AlignedRouting, top_k: int, inter: int, config: LaunchConfig) -> torch.Tensor:
+    p_max = routing.sorted_pair_ids.numel()
+    act = torch.empty((p_max, inter), dtype=x.dtype, device=x.device)
+    num_blocks_m = routing.block_expert_ids.numel()
+    grid = (num_blocks_m * triton.cdiv(inter, config.block_n),)
+    launchable(_expert_gate_up_kernel, x.device)[grid](
+        x,
+        w_gate_up,
+        act,
+        routing.sorted_pair_ids,
+        routing.block_expert_ids,
+        routing.num_padded,
+        routing.num_pairs,
+        top_k,
+        x.shape[1],
+        inter,
+        num_blocks_m,
+        x.stride(0),
+        w_gate_up.stride(0),
+        w_gate_up.stride(1),
+        act.stride(0),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return act
+
+
+def _down(act, w_down, weights, routing: AlignedRouting, apply_weights: bool, config: LaunchConfig) -> torch.Tensor:
+    hidden, inter = w_down.shape[1], w_down.shape[2]
+    if config.split_k > 1:
+        y = torch.zeros((routing.num_pairs, hidden), dtype=torch.float32, device=act.device)
+    else:
+        y = torch.empty((routing.num_pairs, hidden), dtype=act.dtype, device=act.device)
+    num_blocks_m = routing.block_expert_ids.numel()
+    grid = (num_blocks_m * triton.cdiv(hidden, config.block_n), config.split_k)
+    launchable(_expert_down_kernel, act.device)[grid](
+        act,
+        w_down,
+        y,
+        weights,
+        routing.sorted_pair_ids,
+        routing.block_expert_ids,
+        routing.num_padded,
+        routing.num_pairs,
+        hidden,
+        inter,
+        num_blocks_m,
+        act.stride(0),
+        w_down.stride(0),
+        w_down.stride(1),
+        y.stride(0),
+        MUL_WEIGHT=apply_weights,
+        SPLIT_K=config.split_k,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return y
+
+
+def fused_expert_ffn_triton(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    apply_weights: bool = True,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Triton path of :func:`fused_expert_ffn`; ``config`` overrides the bucket's."""
+    t, k, e, h, i = check_expert_ffn_inputs(x, topk_ids, topk_weights, w_gate_up, w_down)
+    out = torch.zeros((t, h), dtype=x.dtype, device=x.device)
+    if t == 0 or h == 0:
+        return out
+    if config is None:
+        _, config = expert_ffn_launch_config(t, k, e, i, x.device)
+    # Kernels index with unit inner strides.
+    x, w_gate_up, w_down = (a if a.stride(-1) == 1 else a.contiguous() for a in (x, w_gate_up, w_down))
+    if i == 0:
+        return out
+    weights = topk_weights.contiguous().reshape(-1)
+    routing = moe_align_block_size(topk_ids, e, config.block_m)
+    act = _gate_up(x, w_gate_up, routing, k, i, config)
+    y = _down(act, w_down, weights, routing, apply_weights, config)
+    # Weights already applied in the down GEMM: combine sums with unit weights.
+    y = y.view(t, k, h)
+    return moe_combine(y, topk_ids, topk_weights, num_experts=e, apply_weights=False).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- torch twin
+
+
+def fused_expert_ffn_torch(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    apply_weights: bool = True,
+) -> torch.Tensor:
+    """Torch twin of :func:`fused_expert_ffn`: per-expert matmuls on sorted segments.
+
+    Same contract and shapes as :func:`fused_expert_ffn`. Each expert's GEMMs
+    run in x's dtype (the backend accumulates in float32) and the K expert
+    outputs of a token are summed in float32.
+    """
+    t, k, e, h, i = check_expert_ffn_inputs(x, topk_ids, topk_weights, w_gate_up, w_down)
+    out = torch.zeros((t, h), dtype=torch.float32, device=x.device)
+    if t == 0:
+        return out.to(x.dtype)
+    # 1. Stable sort of live pairs by expert; counts per expert (one host sync).
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    live = ((flat >= 0) & (flat < e)).nonzero().squeeze(1)
+    order = live[torch.sort(flat[live], stable=True).indices]
+    counts = torch.bincount(flat[order], minlength=e).tolist()
+    tokens = order // k
+    x_sorted = x[tokens]
+    coef = topk_weights.reshape(-1)[order].float() if apply_weights else None
+    # 2. Per-expert gate/up GEMM, SwiGLU, down GEMM on contiguous segments.
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        seg = slice(start, start + count)
+        gate_up = x_sorted[seg] @ w_gate_up[expert].T
+        act = F.silu(gate_up[:, :i]) * gate_up[:, i:]
+        y = (act @ w_down[expert].T).float()
+        if coef is not None:
+            y = y * coef[seg, None]
+        # 3. Combine: add each pair's output to its token's row.
+        out.index_add_(0, tokens[seg], y)
+        start += count
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def fused_expert_ffn(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    apply_weights: bool = True,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Grouped SwiGLU expert FFN over routed pairs, summed per token.
+
+    x [T, H] float16/bfloat16/float32; topk_ids [T, K] int64 (or int32), each
+    in [0, E) for a local expert or -1 for a pair computed elsewhere (masked,
+    contributes zero); topk_weights [T, K] float; w_gate_up [E, 2I, H];
+    w_down [E, H, I]. Returns [T, H] in x's dtype (float32 accumulation):
+
+        out[t] = sum_k (topk_weights[t, k] if apply_weights else 1) * FFN_{topk_ids[t, k]}(x[t])
+
+    Runs the Triton kernels when ``x.is_cuda`` or ``MOESHARD_FORCE_TRITON=1``
+    (interpreter on CPU), else :func:`fused_expert_ffn_torch`. ``config``
+    (Triton only) overrides the launch config of the token-count bucket.
+    """
+    if triton_requested(x):
+        return fused_expert_ffn_triton(
+            x, topk_ids, topk_weights, w_gate_up, w_down, apply_weights=apply_weights, config=config
+        )
+    return fused_expert_ffn_torch(x, topk_ids, topk_weights, w_gate_up, w_down, apply_weights=apply_weights)
