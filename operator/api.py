@@ -218,7 +218,7 @@ class WorkloadSpec(_Section):
     prefill_tokens: int = Field(
         6000, ge=1, le=1_000_000, description="Tokens in one prefill batch of one replica (chunked prefill size)."
     )
-    decode_batch: int = Field(128, ge=1, le=65536, description="Concurrent decoding sequences per replica.")
+    decode_batch: int = Field(64, ge=1, le=65536, description="Concurrent decoding sequences per replica.")
     context_length: int = Field(4096, ge=1, le=2_000_000, description="Tokens of KV cache kept per sequence.")
 
 
