@@ -1,0 +1,149 @@
+"""Prometheus metrics of one engine group, exported by rank 0 on ``GET /metrics``.
+
+The balancer reads ``moeshard_expert_tokens_total{layer, expert}`` with
+``sum by (layer, expert) (increase(...[window]))``, so the counts here are
+GROUP totals per LOGICAL expert: after every step the ranks' deltas are summed
+(one all-reduce in the step loop) and rank 0 adds them here. A (token, expert)
+pair is counted once, whatever replica served it.
+
+Every series also carries the scope labels of ``moeshard.operator.naming``
+(deployment, namespace, replica) so one Prometheus can hold many deployments.
+The registry is private (never the process-global default one), so several
+engines in one test process do not collide.
+
+Shape legend: L MoE layers, E logical experts per layer, W ranks in the group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from moeshard.operator.engine_env import EngineEnvironment
+from moeshard.operator.naming import (
+    METRIC_EXPERT_TOKENS,
+    METRIC_PLACEMENT_REJECTED,
+    METRIC_PLACEMENT_VERSION,
+    METRIC_RANK_TOKENS,
+    METRIC_REQUEST_LATENCY,
+    SCOPE_DEPLOYMENT,
+    SCOPE_NAMESPACE,
+    SCOPE_REPLICA,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Request latency buckets in seconds: a decode step is milliseconds on a GPU,
+# a long completion on CPU takes tens of seconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_SCOPE_NAMES = (SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, SCOPE_REPLICA)
+
+
+@dataclass(frozen=True)
+class MetricScope:
+    """Values of the scope labels carried by every series."""
+
+    deployment: str
+    namespace: str
+    replica: int
+
+    @classmethod
+    def from_env(cls, env: EngineEnvironment) -> "MetricScope":
+        return cls(env.deployment, env.namespace, env.replica_index)
+
+    def values(self) -> tuple[str, str, str]:
+        return (self.deployment, self.namespace, str(self.replica))
+
+
+class EngineMetrics:
+    """The engine's metric families in a private registry.
+
+    ``num_layers`` x ``num_experts`` expert series and ``world_size`` rank
+    series are created at zero up front, so an expert that never receives a
+    token is still visible (``increase()`` of a missing series is no data, not 0).
+    """
+
+    def __init__(self, scope: MetricScope, *, num_layers: int, num_experts: int, world_size: int):
+        for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("world_size", world_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.scope = scope
+        self.num_layers, self.num_experts, self.world_size = num_layers, num_experts, world_size
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._expert_tokens = Counter(
+            METRIC_EXPERT_TOKENS, "Tokens routed to each logical expert of each MoE layer, summed over the group's ranks.",
+            (*_SCOPE_NAMES, "layer", "expert"), registry=self.registry,
+        )
+        self._rank_tokens = Counter(
+            METRIC_RANK_TOKENS, "Tokens processed by the experts of each rank of the group.",
+            (*_SCOPE_NAMES, "rank"), registry=self.registry,
+        )
+        self._latency = Histogram(
+            METRIC_REQUEST_LATENCY, "Completion request latency, from arrival on rank 0 to the response.",
+            _SCOPE_NAMES, buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self._version = Gauge(
+            METRIC_PLACEMENT_VERSION, "Version of the expert placement all ranks are using.",
+            _SCOPE_NAMES, registry=self.registry,
+        )
+        self._rejected = Counter(
+            METRIC_PLACEMENT_REJECTED, "Placement files refused as invalid for this group (the old placement stays).",
+            _SCOPE_NAMES, registry=self.registry,
+        )
+        scope_values = scope.values()
+        # Children are resolved once; labels() is a dict lookup under a lock.
+        self._expert_children = [
+            [self._expert_tokens.labels(*scope_values, str(layer), str(expert)) for expert in range(num_experts)]
+            for layer in range(num_layers)
+        ]
+        self._rank_children = [self._rank_tokens.labels(*scope_values, str(rank)) for rank in range(world_size)]
+        self._latency_child = self._latency.labels(*scope_values)
+        self._version_child = self._version.labels(*scope_values)
+        self._rejected_child = self._rejected.labels(*scope_values)
+
+    # ------------------------------------------------------------------ updates
+
+    def add_expert_tokens(self, delta: np.ndarray) -> None:
+        """Add group-total token counts ``delta`` [L, E] (non-negative integers)."""
+        delta = np.asarray(delta)
+        if delta.shape != (self.num_layers, self.num_experts):
+            raise ValueError(f"expert token delta has shape {delta.shape}, expected {(self.num_layers, self.num_experts)}")
+        if np.any(delta < 0):
+            raise ValueError("expert token delta has negative entries: counters only increase")
+        for layer, expert in zip(*np.nonzero(delta)):
+            self._expert_children[layer][expert].inc(float(delta[layer, expert]))
+
+    def add_rank_tokens(self, delta: np.ndarray) -> None:
+        """Add per-rank token counts ``delta`` [W]."""
+        delta = np.asarray(delta)
+        if delta.shape != (self.world_size,):
+            raise ValueError(f"rank token delta has shape {delta.shape}, expected {(self.world_size,)}")
+        if np.any(delta < 0):
+            raise ValueError("rank token delta has negative entries: counters only increase")
+        for rank in np.nonzero(delta)[0]:
+            self._rank_children[rank].inc(float(delta[rank]))
+
+    def observe_request_latency(self, seconds: float) -> None:
+        self._latency_child.observe(seconds)
+
+    def set_placement_version(self, version: int) -> None:
+        self._version_child.set(version)
+
+    def count_rejected_placement(self) -> None:
+        self._rejected_child.inc()
+
+    # ------------------------------------------------------------------ reads
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every series (what GET /metrics returns)."""
+        return generate_latest(self.registry)
+
+    def expert_tokens(self) -> np.ndarray:
+        """Current counter values [L, E] (for tests and logs)."""
+        counts = np.zeros((self.num_layers, self.num_experts))
+        for family in self._expert_tokens.collect():
+            for sample in family.samples:
+                if sample.name == METRIC_EXPERT_TOKENS:
+                    counts[int(sample.labels["layer"]), int(sample.labels["expert"])] = sample.value
+        return counts

@@ -1,0 +1,377 @@
+"""Serving: request validation, HTTP handling, batching and the step loop, on one rank.
+
+The runtime here is a small deterministic test double that honours the
+EngineRuntime contract (collective generate, per-expert counts); the same
+loop against the real runtime and a 4-rank group is in test_serving_group.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from moeshard.engine.metrics import EngineMetrics, MetricScope
+from moeshard.engine.reload import PlacementWatcher
+from moeshard.engine.serving import (
+    CompletionRequest,
+    LocalChannel,
+    RequestError,
+    RequestQueue,
+    ServingLimits,
+    ServingState,
+    StepCommand,
+    StepLoop,
+    finish_completion,
+    parse_completion_request,
+    start_http_server,
+)
+from moeshard.operator.naming import METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_VERSION
+from moeshard.operator.placement import initial_placement
+
+VOCAB, LAYERS, EXPERTS, TOP_K = 50, 2, 4, 2
+
+
+def next_token(token: int) -> int:
+    return (token * 7 + 3) % VOCAB
+
+
+class FakeRuntime:
+    """Greedy 'model': next = (7 t + 3) mod V. Each processed position routes to experts t%E and (t+1)%E."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.placement = initial_placement(LAYERS, EXPERTS, 1, EXPERTS)
+        self.gate = gate
+        self.calls: list[tuple[list[list[int]], list[int], int | None]] = []
+        self.counts = np.zeros((LAYERS, EXPERTS), dtype=np.int64)
+        self.applied: list[int] = []
+
+    @property
+    def placement_version(self) -> int:
+        return self.placement.version
+
+    def generate(self, prompts, max_new_tokens, eos_token_id=None):
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        self.calls.append((prompts, budgets, eos_token_id))
+        outputs = []
+        for prompt, budget in zip(prompts, budgets):
+            seq, new = list(prompt), []
+            while len(new) < budget:
+                new.append(next_token(seq[-1]))
+                seq.append(new[-1])
+                if new[-1] == eos_token_id:
+                    break
+            for token in seq[:-1]:  # the last generated token is never fed back
+                self.counts[:, token % EXPERTS] += 1
+                self.counts[:, (token + 1) % EXPERTS] += 1
+            outputs.append(new)
+        return outputs
+
+    def expert_token_counts(self):
+        return self.counts.copy()
+
+    def rank_token_counts(self):
+        return np.array([self.counts[0].sum() // TOP_K])
+
+    def apply_placement(self, placement):
+        self.applied.append(placement.version)
+        self.placement = placement
+
+    def close(self):
+        pass
+
+
+def expected_tokens(prompt: list[int], n: int) -> list[int]:
+    out, last = [], prompt[-1]
+    for _ in range(n):
+        last = next_token(last)
+        out.append(last)
+    return out
+
+
+LIMITS = ServingLimits(vocab_size=VOCAB, eos_token_ids=(VOCAB - 1,), max_batch_prompts=8, max_model_len=64,
+                       model_name="fake")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": [1, 2.5]}, "prompt"),
+        ({"prompt": [1, VOCAB]}, "prompt[1]"),
+        ({"prompt": [[1], [-1]]}, "prompt[1][0]"),
+        ({"prompt": [[1], []]}, "prompt[1]"),
+        ({"prompt": "hello"}, "prompt"),  # text without a tokenizer
+        ({"prompt": [[1]] * 9}, "prompt"),  # over the batch limit
+        ({"prompt": [1], "max_tokens": 0}, "max_tokens"),
+        ({"prompt": [1], "max_tokens": "3"}, "max_tokens"),
+        ({"prompt": [1], "max_tokens": 64}, "max_tokens"),  # 1 + 64 > max_model_len
+        ({"prompt": [1], "n": 2}, "n"),
+        ({"prompt": [1], "stream": True}, "stream"),
+        ({"prompt": [1], "logprobs": 3}, "logprobs"),
+        ({"prompt": [1], "stop": "x"}, "stop"),  # stop strings without a tokenizer
+        ({"prompt": [1], "stop": [1]}, "stop"),
+        ({"prompt": [1], "stop_token_ids": [1.5]}, "stop_token_ids"),
+        ({"prompt": [1], "ignore_eos": "yes"}, "ignore_eos"),
+    ],
+)
+def test_bad_requests_name_the_field(body, param):
+    with pytest.raises(RequestError) as info:
+        parse_completion_request(body, LIMITS)
+    assert info.value.param == param
+    assert info.value.status == 400
+    assert info.value.body()["error"]["param"] == param
+
+
+def test_request_forms():
+    one = parse_completion_request({"prompt": [1, 2, 3], "max_tokens": 4}, LIMITS)
+    assert one.prompts == ((1, 2, 3),) and one.max_tokens == 4 and VOCAB - 1 in one.stop_token_ids
+    many = parse_completion_request({"prompt": [[1], [2, 3]], "ignore_eos": True, "stop_token_ids": [7]}, LIMITS)
+    assert many.prompts == ((1,), (2, 3)) and many.max_tokens == LIMITS.default_max_tokens
+    assert many.stop_token_ids == frozenset({7})
+
+
+class CharTokenizer:
+    """One token per character, ids = ord(c) - 96 ('a' = 1)."""
+
+    def encode(self, text):
+        return [ord(c) - 96 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i + 96) for i in ids)
+
+
+def test_text_prompts_and_stop_strings():
+    limits = ServingLimits(vocab_size=40, tokenizer=CharTokenizer())
+    request = parse_completion_request({"prompt": ["ab", "c"], "stop": "de", "max_tokens": 6}, limits)
+    assert request.prompts == ((1, 2), (3,)) and request.text_prompt
+    tokens, text, reason = finish_completion([3, 4, 5, 6, 7], request, limits.tokenizer)  # "cdefg"
+    assert (tokens, text, reason) == ([3, 4, 5], "c", "stop")
+    tokens, text, reason = finish_completion([1, 1], request, limits.tokenizer)
+    assert (tokens, text, reason) == ([1, 1], "aa", "length")
+
+
+def test_stop_tokens_cut_the_answer():
+    request = CompletionRequest(((1,),), 5, frozenset({9}), (), False)
+    assert finish_completion([4, 9, 2], request, None) == ([4], None, "stop")
+    assert finish_completion([4, 2, 2, 2, 2], request, None) == ([4, 2, 2, 2, 2], None, "length")
+
+
+def test_queue_batches_whole_requests_in_order():
+    q = RequestQueue()
+    sizes = [3, 2, 4, 1]
+    for size in sizes:
+        q.submit(CompletionRequest(tuple((1,) for _ in range(size)), 1, frozenset(), (), False))
+    first = q.take_batch(max_prompts=6, wait=0)
+    assert [len(p.request.prompts) for p in first] == [3, 2]
+    second = q.take_batch(max_prompts=6, wait=0)
+    assert [len(p.request.prompts) for p in second] == [4, 1]
+    assert q.empty() and q.take_batch(6, wait=0) == []
+
+
+def test_batch_eos_only_when_every_request_stops_there():
+    q = RequestQueue()
+    stops = parse_completion_request({"prompt": [1]}, LIMITS)
+    ignores = parse_completion_request({"prompt": [[2], [3]], "ignore_eos": True, "max_tokens": 3}, LIMITS)
+    assert StepCommand.for_batch([q.submit(stops)], LIMITS).eos_token_id == VOCAB - 1
+    command = StepCommand.for_batch([q.submit(stops), q.submit(ignores)], LIMITS)
+    assert command.eos_token_id is None
+    assert command.prompts == ((1,), (2,), (3,)) and command.max_new_tokens == (16, 3, 3)
+
+
+# --------------------------------------------------------------------------- HTTP + loop on one rank
+
+
+class OneRankServer:
+    def __init__(self, runtime: FakeRuntime, placement_file: str | None = None, limits: ServingLimits = LIMITS):
+        self.runtime = runtime
+        self.state = ServingState(request_timeout=20)
+        self.metrics = EngineMetrics(MetricScope("dep", "ns", 3), num_layers=LAYERS, num_experts=EXPERTS, world_size=1)
+        self.queue = RequestQueue()
+        watcher = None
+        if placement_file:
+            watcher = PlacementWatcher(placement_file, runtime.placement, poll_interval=0.0,
+                                       on_reject=lambda _p: self.metrics.count_rejected_placement())
+        self.loop = StepLoop(runtime, LocalChannel(), limits=limits, watcher=watcher, metrics=self.metrics,
+                             queue=self.queue, idle_interval=0.02, on_placement=self.state.set_placement)
+        self.state.limits, self.state.queue, self.state.metrics = limits, self.queue, self.metrics
+        self.state.set_placement(runtime.placement)
+        self.state.world_size, self.state.ready = 1, True
+        self.server, _ = start_http_server(self.state, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.loop.stop_event.set()
+        self.thread.join(timeout=10)
+        self.server.shutdown()
+        self.server.server_close()
+        assert not self.thread.is_alive()
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+
+@pytest.fixture
+def one_rank():
+    server = OneRankServer(FakeRuntime())
+    yield server
+    server.close()
+
+
+def test_completions_over_http(one_rank):
+    status, raw = one_rank.request("POST", "/v1/completions", {"prompt": [[5, 6], [7]], "max_tokens": 4, "ignore_eos": True})
+    assert status == 200, raw
+    body = json.loads(raw)
+    assert body["object"] == "text_completion" and body["model"] == "fake"
+    assert [c["token_ids"] for c in body["choices"]] == [expected_tokens([5, 6], 4), expected_tokens([7], 4)]
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    # Per-expert counts: (prompt + generated - 1) positions x top-K, in every layer.
+    metrics = one_rank.request("GET", "/metrics")[1].decode()
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith(METRIC_EXPERT_TOKENS + "{") and 'layer="0"' in line)
+    assert total == ((2 + 4 - 1) + (1 + 4 - 1)) * TOP_K
+    assert 'moeshard_deployment="dep"' in metrics and 'moeshard_replica="3"' in metrics
+
+
+def test_eos_ends_a_completion(one_rank):
+    # From 4: 31, 14, 1, 10, 23, 14, ... no eos; pick a prompt whose chain hits 49 (= eos): 49 = 7 t + 3 mod 50 -> t = 28.
+    status, raw = one_rank.request("POST", "/v1/completions", {"prompt": [28], "max_tokens": 5})
+    choice = json.loads(raw)["choices"][0]
+    assert status == 200 and choice["token_ids"] == [] and choice["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "raw", "status", "param"),
+    [
+        ("POST", "/v1/completions", None, b"{not json", 400, None),
+        ("POST", "/v1/completions", None, b"[1, 2]", 400, None),
+        ("POST", "/v1/completions", {"prompt": [1, 99]}, None, 400, "prompt[1]"),
+        ("POST", "/v1/completions", {"prompt": [1], "max_tokens": -1}, None, 400, "max_tokens"),
+        ("POST", "/v1/chat", {"prompt": [1]}, None, 404, None),
+        ("GET", "/v1/completions", None, None, 405, None),
+        ("GET", "/nope", None, None, 404, None),
+    ],
+)
+def test_bad_http_requests_get_json_errors_and_the_loop_survives(one_rank, method, path, body, raw, status, param):
+    got, answer = one_rank.request(method, path, body, raw)
+    assert got == status
+    error = json.loads(answer)["error"]
+    assert error["param"] == param and error["message"]
+    ok, _ = one_rank.request("POST", "/v1/completions", {"prompt": [3], "max_tokens": 2})
+    assert ok == 200
+
+
+def test_health_readiness_and_models(one_rank):
+    assert one_rank.request("GET", "/healthz")[0] == 200
+    assert json.loads(one_rank.request("GET", "/readyz")[1])["status"] == "ready"
+    assert json.loads(one_rank.request("GET", "/v1/models")[1])["data"][0]["id"] == "fake"
+    assert json.loads(one_rank.request("GET", "/v1/placement")[1])["version"] == 0
+    one_rank.state.accepting = False
+    assert one_rank.request("GET", "/readyz")[0] == 503
+    assert one_rank.request("POST", "/v1/completions", {"prompt": [1]})[0] == 503
+
+
+def test_not_ready_while_loading():
+    state = ServingState()
+    server, _ = start_http_server(state, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        for path in ("/readyz", "/metrics"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(url + path, timeout=5)
+            assert info.value.code == 503
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_requests_that_arrive_together_share_a_step():
+    gate = threading.Event()
+    server = OneRankServer(FakeRuntime(gate))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(server.request, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})
+            while not server.queue.empty():  # the first request is inside generate, blocked on the gate
+                time.sleep(0.01)
+            rest = [pool.submit(server.request, "POST", "/v1/completions", {"prompt": [[i], [i + 1]], "max_tokens": 3})
+                    for i in (10, 20, 30)]
+            while server.queue._queue.qsize() < 3:
+                time.sleep(0.01)
+            gate.set()
+            answers = [f.result(timeout=20) for f in [first, *rest]]
+        assert all(status == 200 for status, _ in answers)
+        batch_sizes = [len(prompts) for prompts, _, _ in server.runtime.calls]
+        assert batch_sizes == [1, 6]
+        for (status, raw), i in zip(answers[1:], (10, 20, 30)):
+            assert [c["token_ids"] for c in json.loads(raw)["choices"]] == [expected_tokens([i], 3), expected_tokens([i + 1], 3)]
+    finally:
+        gate.set()
+        server.close()
+
+
+def test_placement_reload_and_refusal_on_one_rank(tmp_path, caplog):
+    path = tmp_path / "placement.json"
+    runtime = FakeRuntime()
+    server = OneRankServer(runtime, str(path))
+    try:
+        moved = runtime.placement.phy2log[:, ::-1].copy()  # same experts, reversed slots
+        new = initial_placement(LAYERS, EXPERTS, 1, EXPERTS)
+        new_json = json.loads(new.to_json())
+        new_json["version"] = 1
+        for layer in new_json["layers"]:
+            layer["phy2log"] = [int(e) for e in moved[0]]
+        path.write_text(json.dumps(new_json))
+        deadline = time.monotonic() + 10
+        while runtime.applied != [1] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert runtime.applied == [1]
+        assert json.loads(server.request("GET", "/v1/placement")[1])["layers"][0]["phy2log"] == [3, 2, 1, 0]
+        assert f"{METRIC_PLACEMENT_VERSION}{{" in server.request("GET", "/metrics")[1].decode()
+        assert server.metrics.registry.get_sample_value(
+            METRIC_PLACEMENT_VERSION, {"moeshard_deployment": "dep", "moeshard_namespace": "ns", "moeshard_replica": "3"}) == 1
+
+        caplog.set_level(logging.WARNING, logger="moeshard.engine.reload")
+        new_json["version"] = 2
+        new_json["numGpus"], new_json["slotsPerGpu"] = 2, EXPERTS // 2  # valid file, wrong group
+        path.write_text(json.dumps(new_json))
+        deadline = time.monotonic() + 10
+        labels = {"moeshard_deployment": "dep", "moeshard_namespace": "ns", "moeshard_replica": "3"}
+        while not server.metrics.registry.get_sample_value("moeshard_placement_rejected_total", labels):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.2)  # more polls of the same bad file: still one refusal
+        assert server.metrics.registry.get_sample_value("moeshard_placement_rejected_total", labels) == 1
+        refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 1 and "numGpus" in refusals[0].getMessage()
+        assert runtime.applied == [1] and runtime.placement_version == 1
+        assert server.request("POST", "/v1/completions", {"prompt": [4], "max_tokens": 2})[0] == 200
+    finally:
+        server.close()
