@@ -235,10 +235,10 @@ def device_name(device: torch.device) -> str:
 
 
 def expert_ffn_launch_config(
-    num_tokens: int, top_k: int, num_experts: int, intermediate: int, device: torch.device | str
+    num_pairs: int, num_experts: int, intermediate: int, device: torch.device | str
 ) -> tuple[str, LaunchConfig]:
-    """(bucket, config) that :func:`fused_expert_ffn_triton` uses for these sizes."""
-    return select_launch_config(num_tokens, top_k, num_experts, intermediate, device_name(torch.device(device)))
+    """(bucket, config) that :func:`fused_expert_ffn_triton` uses for ``num_pairs`` live pairs."""
+    return select_launch_config(num_pairs, num_experts, intermediate, device_name(torch.device(device)))
 
 
 def _gate_up(x, w_gate_up, routing: AlignedRouting, top_k: int, inter: int, config: LaunchConfig) -> torch.Tensor:
@@ -317,14 +317,16 @@ def fused_expert_ffn_triton(
     *,
     apply_weights: bool = True,
     config: LaunchConfig | None = None,
+    num_live_pairs: int | None = None,
 ) -> torch.Tensor:
-    """Triton path of :func:`fused_expert_ffn`; ``config`` overrides the bucket's."""
+    """Triton path of :func:`fused_expert_ffn` (same arguments)."""
     t, k, e, h, i = check_expert_ffn_inputs(x, topk_ids, topk_weights, w_gate_up, w_down)
     out = torch.zeros((t, h), dtype=x.dtype, device=x.device)
     if t == 0 or h == 0:
         return out
     if config is None:
-        _, config = expert_ffn_launch_config(t, k, e, i, x.device)
+        pairs = t * k if num_live_pairs is None else num_live_pairs
+        _, config = expert_ffn_launch_config(pairs, e, i, x.device)
     # Kernels index with unit inner strides.
     x, w_gate_up, w_down = (a if a.stride(-1) == 1 else a.contiguous() for a in (x, w_gate_up, w_down))
     if i == 0:
@@ -444,6 +446,7 @@ def fused_expert_ffn(
     *,
     apply_weights: bool = True,
     config: LaunchConfig | None = None,
+    num_live_pairs: int | None = None,
 ) -> torch.Tensor:
     """Grouped SwiGLU expert FFN over routed pairs, summed per token.
 
@@ -455,11 +458,22 @@ def fused_expert_ffn(
         out[t] = sum_k (topk_weights[t, k] if apply_weights else 1) * FFN_{topk_ids[t, k]}(x[t])
 
     Runs the Triton kernels when ``x.is_cuda`` or ``MOESHARD_FORCE_TRITON=1``
-    (interpreter on CPU), else :func:`fused_expert_ffn_torch`. ``config``
-    (Triton only) overrides the launch config of the token-count bucket.
+    (interpreter on CPU), else :func:`fused_expert_ffn_torch`.
+    Triton launch knobs (ignored by the twin): ``num_live_pairs``, the number
+    of pairs with a local expert when the caller knows it on the host (e.g.
+    from all-to-all split sizes), picks the token-count bucket (default T*K;
+    see :mod:`moeshard.kernels.launch_config`); ``config`` overrides the
+    bucket's launch config outright.
     """
     if triton_requested(x):
         return fused_expert_ffn_triton(
-            x, topk_ids, topk_weights, w_gate_up, w_down, apply_weights=apply_weights, config=config
+            x,
+            topk_ids,
+            topk_weights,
+            w_gate_up,
+            w_down,
+            apply_weights=apply_weights,
+            config=config,
+            num_live_pairs=num_live_pairs,
         )
     return fused_expert_ffn_torch(x, topk_ids, topk_weights, w_gate_up, w_down, apply_weights=apply_weights)

@@ -5,9 +5,13 @@ thousands; one tile shape cannot serve both (small tiles waste nothing on a
 16-row expert but re-read weights 8x more often on a 2,048-row one). Calls are
 sorted into three buckets by expected tokens per expert,
 
-    tokens_per_expert = ceil(T * K / E)      (masked pairs included: no sync)
+    tokens_per_expert = ceil(N / E)
 
-and each bucket carries its own :class:`LaunchConfig`. Tables are JSON files
+where the pair count N defaults to T*K (masked pairs included, known without
+a device sync) and should be the live pair count when the caller knows it on
+the host: under expert parallelism most of a received token's K ids are -1
+(Qwen3 EP8: about 1 live of 8), and T*K/E would overstate the load 8x.
+Each bucket carries its own :class:`LaunchConfig`. Tables are JSON files
 keyed by (E local experts, I intermediate size, device name), in the spirit
 of vLLM's tuned config files; ``bench/tune_expert_ffn.py`` writes them on a
 GPU. Lookup order for a call: the directory in ``MOESHARD_KERNEL_CONFIG_DIR``
@@ -188,15 +192,15 @@ def lookup_table(num_experts: int, intermediate: int, device_name: str) -> Bucke
     return _table_for(directories, config_file_name(num_experts, intermediate, device_name))
 
 
-def tokens_per_expert(num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Expected pairs per expert, ceil(T*K/E); known on the host without a sync."""
-    return -(-num_tokens * top_k // max(num_experts, 1))
+def tokens_per_expert(num_pairs: int, num_experts: int) -> int:
+    """Average (token, expert) pairs per expert, ceil(N / E)."""
+    return -(-num_pairs // max(num_experts, 1))
 
 
 def select_launch_config(
-    num_tokens: int, top_k: int, num_experts: int, intermediate: int, device_name: str
+    num_pairs: int, num_experts: int, intermediate: int, device_name: str
 ) -> tuple[str, LaunchConfig]:
-    """Bucket name and launch config for a grouped expert FFN call of these sizes."""
+    """Bucket name and launch config for a grouped expert FFN call over ``num_pairs`` pairs."""
     table = lookup_table(num_experts, intermediate, device_name)
-    bucket = table.bucket(tokens_per_expert(num_tokens, top_k, num_experts))
+    bucket = table.bucket(tokens_per_expert(num_pairs, num_experts))
     return bucket, table.configs[bucket]
