@@ -173,7 +173,7 @@ class HardwareSpec(_Section):
         hw = self.resolve()
         if hw.gpus_per_domain % hw.gpus_per_node and hw.gpus_per_domain > hw.gpus_per_node:
             raise ValueError(
-                f"gpusPerDomain ({hw.gpus_per_domain}) must be a multiple of gpusPerNode ({hw.gpus_per_node})"
+                f"custom.gpusPerDomain ({hw.gpus_per_domain}) must be a multiple of gpusPerNode ({hw.gpus_per_node})"
             )
         return self
 
@@ -415,7 +415,7 @@ class SpecError(ValueError):
 
 
 _FIELD_IN_MESSAGE = re.compile(r"^((?:parallelism|loadBalancing|model|hardware|workload|engine)\.[A-Za-z.]+)")
-_LOCAL_FIELD_IN_MESSAGE = re.compile(r"^([a-z][A-Za-z0-9]*) \(")
+_LOCAL_FIELD_IN_MESSAGE = re.compile(r"^([a-z][A-Za-z0-9.]*) \(")
 
 
 def _error_path(error: dict[str, Any], prefix: str) -> str:

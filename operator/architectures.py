@@ -160,6 +160,14 @@ def _required(config: dict, key: str) -> int:
     return value
 
 
+def _required_any(config: dict, *keys: str) -> int:
+    """The first of ``keys`` present (config.json files and transformers versions differ in naming)."""
+    for key in keys:
+        if key in config:
+            return _required(config, key)
+    raise ConfigError(keys[0], "missing from config.json")
+
+
 def architecture_from_hf_config(config: dict, name: str = "custom") -> ModelArchitecture:
     """Read a Hugging Face ``config.json`` (as a dict) of a supported MoE architecture.
 
@@ -187,7 +195,8 @@ def architecture_from_hf_config(config: dict, name: str = "custom") -> ModelArch
             raise ConfigError("decoder_sparse_step", "only 1 (every layer is MoE) is supported")
         return ModelArchitecture(
             architecture="qwen3_moe",
-            num_experts=_required(config, "num_experts"),
+            # Hub config.json files say num_experts; transformers 5 writes num_local_experts.
+            num_experts=_required_any(config, "num_experts", "num_local_experts"),
             top_k=_required(config, "num_experts_per_tok"),
             expert_intermediate_size=_required(config, "moe_intermediate_size"),
             **common,

@@ -178,8 +178,9 @@ def format_table(plan: Plan, show_all: bool = False) -> str:
         "",
         f"chosen: attention TP {chosen.attention_tp}, EP {chosen.expert_ep}, {chosen.replicas} replica(s) of "
         f"{chosen.pods_per_replica} pod(s) x {chosen.gpus_per_pod} GPUs, {chosen.slots_per_gpu} expert slots per GPU",
-        "* in domains: the group spans NVLink domains and its all-to-all crosses the fabric (hierarchical dispatch)",
     ]
+    if any(c.crosses_fabric for c in plan.candidates):
+        lines.append("domains marked *: the group spans NVLink domains; its all-to-all crosses the fabric (hierarchical)")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 

@@ -1,0 +1,148 @@
+"""API validation, the generated CRD, and the agreement between Python and CEL rules."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from moeshard.operator.api import SpecError, parse_resource, parse_spec
+from moeshard.operator.crd import SPEC_RULES, build_crd, crd_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+BASE = {"model": {"preset": "qwen3-235b-a22b"}, "hardware": {"profile": "gb200-nvl72"}}
+
+
+def _with(**sections):
+    spec = copy.deepcopy(BASE)
+    for path, value in sections.items():
+        node = spec
+        keys = path.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return spec
+
+
+# (spec, field the error must name)
+BAD_SPECS = [
+    (_with(parallelism__expertEP=12), "spec.parallelism.expertEP"),
+    (_with(parallelism__expertEP=256), "spec.parallelism.expertEP"),
+    (_with(parallelism__expertEP=16, parallelism__attentionTP=3), "spec.parallelism.attentionTP"),
+    (_with(parallelism__attentionTP=8), "spec.parallelism.attentionTP"),
+    (_with(parallelism__replicas=-1), "spec.parallelism.replicas"),
+    (_with(model={"preset": "gpt-5"}), "spec.model.preset"),
+    (_with(model={}), "spec.model"),
+    (_with(model={"preset": "mixtral-8x7b", "architecture": {"type": "mixtral"}}), "spec.model.architecture.numLayers"),
+    (_with(hardware={"profile": "tpu-v5"}), "spec.hardware.profile"),
+    (_with(hardware={"profile": "h100-hgx", "custom": {"gpusPerNode": 8, "gpusPerDomain": 12}}), "spec.hardware.custom.gpusPerDomain"),
+    (_with(loadBalancing__interval="5 minutes"), "spec.loadBalancing.interval"),
+    (_with(loadBalancing__redundantSlots=-4), "spec.loadBalancing.redundantSlots"),
+    (_with(loadBalancing__prometheusURL="prometheus:9090"), "spec.loadBalancing.prometheusURL"),
+    (_with(workload__prefillTokens=0), "spec.workload.prefillTokens"),
+    (_with(engine__groupKind="Deployment"), "spec.engine.groupKind"),
+    (_with(model={"architecture": {"type": "qwen3_moe", "numLayers": 2, "hiddenSize": 64, "numExperts": 4,
+                                   "topK": 8, "expertIntermediateSize": 32, "numAttentionHeads": 4,
+                                   "numKVHeads": 2, "headDim": 16, "vocabSize": 128}}), "spec.model.architecture.topK"),
+    (_with(model={"preset": "qwen3-235b-a22b", "weights": {"uri": "ftp://x"}}), "spec.model.weights.uri"),
+]
+UNKNOWN_FIELD = (_with(parallelism__expertEp=16), "spec.parallelism.expertEp")
+
+
+@pytest.mark.parametrize("spec, field", BAD_SPECS + [UNKNOWN_FIELD])
+def test_bad_spec_names_its_field_in_one_line(spec, field):
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    assert info.value.field == field
+    assert "\n" not in str(info.value) and str(info.value).startswith(field + ": ")
+
+
+def test_resource_envelope_errors():
+    body = {"apiVersion": "moeshard.io/v1alpha1", "kind": "MoEDeployment", "metadata": {"name": "Bad_Name"}, "spec": BASE}
+    with pytest.raises(SpecError) as info:
+        parse_resource(body)
+    assert info.value.field == "metadata.name"
+    with pytest.raises(SpecError) as info:
+        parse_resource({**body, "apiVersion": "v1"})
+    assert info.value.field == "apiVersion"
+
+
+# --------------------------------------------------------------------------- CRD
+
+
+def _crd_schema():
+    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_checked_in_crd_is_in_sync():
+    text = crd_yaml()
+    for path in ("crds/moedeployments.yaml", "charts/moeshard/crds/moedeployments.yaml"):
+        assert (ROOT / path).read_text() == text, f"{path} is stale: run `moeshard crd`"
+
+
+def test_crd_validates_as_kubernetes_object():
+    kubernetes_validate.validate(build_crd(), "1.33", strict=True)
+
+
+def _walk(schema, path="$"):
+    yield path, schema
+    for name, sub in schema.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+def test_crd_schema_is_structural_and_explained():
+    schema = _crd_schema()
+    for path, node in _walk(schema):
+        assert "$ref" not in node and "anyOf" not in node and "allOf" not in node, path
+        if path != "$.metadata" and not path.endswith("{}"):
+            assert node.get("type"), f"{path} has no type"
+        if path.startswith(("$.spec", "$.status")) and not path.endswith("[]") and not path.endswith("{}"):
+            assert node.get("description"), f"{path} has no description (kubectl explain)"
+
+
+def _cel_failures(spec: dict) -> list[str]:
+    env = celpy.Environment()
+    failures = []
+    for path, rules in SPEC_RULES.items():
+        node = {"spec": spec}
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        for rule in rules:
+            result = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(node)})
+            if not bool(result):
+                failures.append(rule["message"])
+    return failures
+
+
+def _schema_errors(spec: dict) -> list[str]:
+    validator = jsonschema.Draft4Validator(_crd_schema()["properties"]["spec"])
+    return [e.message for e in validator.iter_errors(spec)]
+
+
+@pytest.mark.parametrize("spec, field", BAD_SPECS)
+def test_api_server_rejects_what_python_rejects(spec, field):
+    """The CRD (schema + CEL) refuses every spec the Python models refuse."""
+    assert _schema_errors(spec) or _cel_failures(spec), f"the CRD would accept a spec with a bad {field}"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_python_crd_schema_cel_and_the_planner(path):
+    body = yaml.safe_load(path.read_text())
+    spec = parse_resource(body)
+    assert not _schema_errors(body["spec"])
+    assert not _cel_failures(body["spec"])
+    from moeshard.operator.planner import plan_for_spec
+
+    assert plan_for_spec(spec).chosen.feasible
