@@ -15,6 +15,8 @@ from ..architectures import PRESETS, architecture_from_hf_config, get_preset
 from ..hardware import PROFILES, get_profile
 from ..planner import Candidate, Plan, PlanError, gemm_crossover_tokens, plan_for_spec, plan_parallelism
 
+DEFAULT_DEPLOYMENT = Path(__file__).resolve().parent.parent / "presets" / "default-deployment.yaml"
+
 HELP = "Choose attention TP, expert EP and DP replicas for a model on a cluster, and show why."
 
 
@@ -30,7 +32,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "The table shows, for each EP, its best attention TP; --all shows every (TP, EP).\n"
         "Times are per MoE layer; the cost model is documented in moeshard/operator/planner.py."
     )
-    parser.add_argument("file", nargs="?", help="a MoEDeployment YAML (the first MoEDeployment document is used)")
+    parser.add_argument(
+        "file", nargs="?",
+        help="a MoEDeployment YAML (the first MoEDeployment document is used); without FILE, --preset or "
+        "--config: the built-in default, Qwen3-235B-A22B on gb200-nvl72",
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="model preset (instead of FILE)")
     parser.add_argument("--config", metavar="CONFIG_JSON", help="a Hugging Face config.json (instead of FILE or --preset)")
     parser.add_argument("--hardware", choices=sorted(PROFILES), help="hardware profile (with --preset or --config)")
@@ -87,8 +93,13 @@ def _plan_from_args(args: argparse.Namespace) -> Plan:
             if args.allow_cross_domain:
                 spec_dict.setdefault("parallelism", {})["allowCrossDomain"] = True
         return plan_for_spec(parse_resource(body))
+    if not (args.preset or args.config or args.hardware):
+        print(f"moeshard plan: no FILE given, planning the built-in default ({DEFAULT_DEPLOYMENT.name}: "
+              "Qwen3-235B-A22B on gb200-nvl72)", file=sys.stderr)
+        args.file = str(DEFAULT_DEPLOYMENT)
+        return _plan_from_args(args)
     if not (args.preset or args.config):
-        raise SpecError("FILE", "give a MoEDeployment FILE, or --preset NAME (or --config config.json) with --hardware")
+        raise SpecError("--preset", "give --preset NAME or --config config.json with --hardware (or a FILE)")
     if args.preset and args.config:
         raise SpecError("--preset/--config", "give one of them, not both")
     if not args.hardware:

@@ -74,7 +74,7 @@ def test_kernels_import_nothing_from_operator_or_engine():
 
 
 def test_engine_imports_only_torch_free_operator_modules():
-    allowed = {"moeshard.operator.placement", "moeshard.operator.engine_env", "moeshard.operator.naming",
+    allowed = {"moeshard.operator.placement", "moeshard.operator.engine_env", "moeshard.operator.naming", "moeshard.operator.cli",
                "moeshard.operator.architectures", "moeshard.operator.api", "moeshard.operator.hardware"}
     for path in sorted((ROOT / "engine").rglob("*.py")):
         for name in _imported_names(path):
@@ -99,3 +99,4 @@ def test_wheel_contains_every_module(tmp_path):
                 missing.append(target)
     assert not missing, f"not in the wheel (list the subpackage in pyproject.toml): {missing}"
     assert any(n.endswith("entry_points.txt") for n in names)
+    assert "moeshard/operator/presets/default-deployment.yaml" in names
