@@ -73,6 +73,17 @@ on gb200-nvl72, with EP 32 worse. Its figures differ from the brief's:
   that range the planner picks EP 32 (lower) or EP 8 (higher). The dispatch
   latencies are therefore larger than the brief's +2/+5/+18 us, which look
   like bandwidth-only estimates.
+* On HGX the default policy keeps a group inside its NVLink domain, and that
+  is what makes EP 8 the choice: every larger EP is estimated, labelled as
+  crossing the fabric, and refused. With ``allowCrossDomain`` this model
+  prefers larger EP for a 6,000-token prefill batch (EP 16: ~278 us against
+  ~388 us per layer on H100), because hierarchical dispatch sends a token
+  across InfiniBand about once (~3 MB per rank and layer, ~61 us at 50 GB/s)
+  while the expert GEMMs halve. That agrees with DeepSeek's own deployment of
+  prefill at EP 32 across nodes; it disagrees with the brief, which did not
+  model deduplication. Cross-domain groups also share a fabric with other
+  traffic and fail with any of their nodes; the planner does not price that,
+  so crossing stays opt-in.
 * Tests pin these statements (tests/test_planner/test_brief.py).
 """
 
