@@ -1,0 +1,413 @@
+"""kopf handlers for MoEDeployment: validate -> plan -> build -> apply -> status.
+
+Two layers:
+
+* ``reconcile(kube, body, config, now)``: the whole reconcile of one
+  MoEDeployment, synchronous, over the apply layer (kube.py). It never raises
+  for a bad spec: it writes a Planned=False condition naming the field and
+  returns the Events to post. Tests and the fuzz call it directly.
+* the kopf handlers at the bottom: thin wrappers that run ``reconcile`` in a
+  worker thread (one at a time per object), post its Events and turn its
+  outcome into kopf's retry/permanent-error signals. A daemon per object
+  re-runs it every ``resync_seconds`` (``progress_seconds`` while groups are
+  starting or rolling) to notice failed pods, readiness and roll the next group.
+
+Reconcile steps:
+  1. validate the spec (pydantic + CEL mirrors) and plan it (planner); a bad
+     spec changes no child object;
+  2. list the children (by deployment label and owner uid);
+  3. apply the ConfigMap (keep the balancer's placement while it fits the
+     plan, otherwise a fresh placement with the next version) and the Service;
+  4. per replica group: apply headless Service, PDB, ComputeDomain; create a
+     missing group; recreate a group whose pod failed after start (restart
+     budget permitting); roll an outdated group (new EP/TP/image) only while
+     the other ready groups keep capacity >= replicas - maxUnavailable;
+  5. delete the groups at index >= replicas (scale down);
+  6. write status (only when it changed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from . import naming
+from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError, parse_duration, parse_resource
+from .kube import Kube, KubeError, kube_from_config
+from .manifests import (
+    KINDS, LWS_API_VERSION, Deployment, build_compute_domain, build_config_map,
+    build_group, build_headless_service, build_initial_placement, build_pod_disruption_budget, build_service,
+    placement_fits,
+)
+from .placement import PLACEMENT_KEY, PlacementError, parse_placement
+from .planner import plan_for_spec
+from .status import Observation, compute_status, status_changed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Operator settings, built once (run_operator.py, or a test) and handed to kopf through ``memo``."""
+
+    resync_seconds: float = 60.0  # re-reconcile a settled deployment this often
+    progress_seconds: float = 5.0  # ... and this often while groups start, roll or fail
+    watch_server_timeout: int = 300  # seconds a watch request stays open on the server
+    watch_client_timeout: int = 330
+    request_timeout: float = 30.0
+    error_delay_seconds: float = 10.0  # retry delay after an API error
+
+
+@dataclass
+class Outcome:
+    """Result of one reconcile: events to post, whether the spec was bad, when to look again."""
+
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    invalid: SpecError | None = None
+    settled: bool = False
+    status: dict[str, Any] | None = None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def _replica_of(obj: dict[str, Any]) -> int | None:
+    raw = ((obj.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_REPLICA)
+    return int(raw) if raw is not None and raw.isdigit() else None
+
+
+def _group_ready(group: dict[str, Any], pods: int) -> bool:
+    status = group.get("status") or {}
+    if group.get("kind") == "LeaderWorkerSet":
+        return status.get("readyReplicas", 0) >= 1
+    return status.get("readyReplicas", 0) >= pods
+
+
+def _pod_failed_after_start(pod: dict[str, Any]) -> bool:
+    """A pod whose engine died after starting: phase Failed, or any container restarted."""
+    status = pod.get("status") or {}
+    if status.get("phase") == "Failed":
+        return True
+    return any((c.get("restartCount") or 0) > 0 for c in status.get("containerStatuses") or [])
+
+
+class _Reconciler:
+    """State of one reconcile pass (a helper of ``reconcile``; not kept between passes)."""
+
+    def __init__(self, kube: Kube, body: dict[str, Any], now: str):
+        self.kube = kube
+        self.body = body
+        meta = body.get("metadata") or {}
+        self.name: str = meta.get("name", "")
+        self.namespace: str = meta.get("namespace", "default")
+        self.uid: str = meta.get("uid", "")
+        self.generation: int = int(meta.get("generation") or 1)
+        self.now = now
+        self.outcome = Outcome()
+
+    # ------------------------------------------------------------ helpers
+    def event(self, reason: str, message: str, type_: str = "Normal") -> None:
+        self.outcome.events.append((type_, reason, message))
+
+    def apply(self, desired: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
+        result = self.kube.apply(desired, live)
+        if result.action != "unchanged":
+            self.event(result.action.capitalize(), f"{result.action} {desired['kind']} {desired['metadata']['name']}")
+        return result.obj
+
+    def delete(self, obj: dict[str, Any], why: str) -> None:
+        api_version, plural = KINDS[obj["kind"]]
+        if self.kube.delete(api_version, plural, self.namespace, obj["metadata"]["name"]):
+            self.event("Deleted", f"deleted {obj['kind']} {obj['metadata']['name']} ({why})")
+
+    def children(self, kind: str) -> list[dict[str, Any]]:
+        api_version, plural = KINDS[kind]
+        try:
+            items = self.kube.list(api_version, plural, self.namespace, {naming.LABEL_DEPLOYMENT: self.name})
+        except KubeError as exc:
+            if exc.status == 404:  # kind not served (e.g. no ComputeDomain CRD)
+                return []
+            raise
+        for item in items:
+            item.setdefault("kind", kind)
+        return [item for item in items if _owned_by(item, self.uid) or kind == "Pod"]
+
+    def write_status(self, obs: Observation) -> None:
+        def build(live: dict[str, Any]) -> dict[str, Any] | None:
+            new = compute_status(obs, live, self.now)
+            self.outcome.status = new
+            return new if status_changed(live, new) else None
+
+        self.kube.patch_status(API_VERSION, PLURAL, self.body, build)
+
+    # ------------------------------------------------------------ steps
+    def invalid(self, exc: SpecError) -> Outcome:
+        self.outcome.invalid = exc
+        self.event("InvalidSpec", str(exc), "Warning")
+        self.write_status(Observation(generation=self.generation, invalid_field=exc.field,
+                                      invalid_message=exc.message))
+        return self.outcome
+
+    def config_map(self, d: Deployment, live: dict[str, Any] | None) -> None:
+        placement = build_initial_placement(d)
+        if live is not None and PLACEMENT_KEY in (live.get("data") or {}):
+            try:
+                current = parse_placement(live["data"][PLACEMENT_KEY])
+            except PlacementError:
+                current = None
+            if current is not None and placement_fits(d, current):
+                placement = None  # the balancer's placement stays
+            elif current is not None:
+                placement = placement.with_version(current.version + 1)
+        desired = build_config_map(d, placement)
+        if placement is not None and live is not None and desired["metadata"]["annotations"] == (
+                live.get("metadata") or {}).get("annotations"):
+            # Same plan but the placement no longer parses or fits: force the write.
+            desired["metadata"]["annotations"]["moeshard.io/placement-reset"] = str(placement.version)
+        self.apply(desired, live)
+        if placement is not None and placement.version > 0:
+            self.event("PlacementReset", f"placement reset to version {placement.version} for the new plan")
+
+    def delete_group(self, d: Deployment, group: dict[str, Any], pods: list[dict[str, Any]], why: str) -> None:
+        self.delete(group, why)
+        replica = _replica_of(group)
+        for pod in pods:  # the GC would delete them too; doing it now frees the names at once
+            if _replica_of(pod) == replica:
+                self.kube.delete("v1", "pods", self.namespace, pod["metadata"]["name"])
+
+    def restart_history(self, spec_window: str) -> list[dict[str, Any]]:
+        window = parse_duration(spec_window)
+        now = _parse_time(self.now)
+        history = []
+        for entry in (self.body.get("status") or {}).get("groupRestarts") or []:
+            try:
+                when = _parse_time(entry["time"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if (now - when).total_seconds() <= window:
+                history.append(entry)
+        return history
+
+    def run(self) -> Outcome:
+        # 1. validate and plan
+        try:
+            spec = parse_resource(self.body)
+            plan = plan_for_spec(spec)
+        except SpecError as exc:
+            return self.invalid(exc)
+        d = Deployment(self.name, self.namespace, self.uid, spec, plan)
+        c = plan.chosen
+        summary = (f"attention TP {c.attention_tp} x EP {c.expert_ep}; {c.replicas} replica group(s) of "
+                   f"{c.pods_per_replica} pod(s) x {c.gpus_per_pod} {'GPU' if d.hardware.uses_gpus else 'rank'}(s)"
+                   + ("; crosses the fabric" if c.crosses_fabric else ""))
+        obs = dict(generation=self.generation, replicas=d.replicas, plan=plan.to_status(), plan_summary=summary,
+                   selector=naming.pod_selector(self.name), max_unavailable=spec.engine.max_unavailable)
+        if d.uses_lws and not self.kube.has_api(LWS_API_VERSION, "leaderworkersets"):
+            self.write_status(Observation(**obs, missing=d.replicas, pending_reason="LeaderWorkerSetMissing",
+                                          pending_message="spec.engine.groupKind: LeaderWorkerSet needs the "
+                                          "leaderworkerset.x-k8s.io CRD, which this cluster does not serve"))
+            return self.outcome
+
+        # 2. children
+        group_kind = "LeaderWorkerSet" if d.uses_lws else "StatefulSet"
+        config_maps = {o["metadata"]["name"]: o for o in self.children("ConfigMap")}
+        services = {o["metadata"]["name"]: o for o in self.children("Service")}
+        pdbs = {o["metadata"]["name"]: o for o in self.children("PodDisruptionBudget")}
+        groups = {o["metadata"]["name"]: o for o in self.children(group_kind)}
+        stale_kind_groups = self.children("StatefulSet" if d.uses_lws else "LeaderWorkerSet")
+        domains = {o["metadata"]["name"]: o for o in self.children("ComputeDomain")}
+        pods = self.children("Pod")
+
+        # 3. config and front Service
+        self.config_map(d, config_maps.get(naming.config_map_name(self.name)))
+        self.apply(build_service(d), services.get(naming.service_name(self.name)))
+
+        # 4. replica groups
+        for group in stale_kind_groups:  # groupKind changed: the old kind's groups go
+            self.delete_group(d, group, pods, "spec.engine.groupKind changed")
+        ready = missing = outdated = restarted = 0
+        budget = spec.engine.restart_budget
+        history = self.restart_history(budget.window)
+        failed_reason = failed_message = None
+        plans: list[tuple[int, dict[str, Any], dict[str, Any] | None]] = []
+        for r in range(d.replicas):
+            self.apply(build_headless_service(d, r), services.get(naming.headless_service_name(self.name, r)))
+            self.apply(build_pod_disruption_budget(d, r), pdbs.get(naming.group_name(self.name, r)))
+            if spec.engine.scheduling.compute_domain:
+                self.apply(build_compute_domain(d, r), domains.get(naming.group_name(self.name, r)))
+            plans.append((r, build_group(d, r), groups.get(naming.group_name(self.name, r))))
+        serving = sum(1 for _, _, live in plans if live is not None and _group_ready(live, d.pods_per_replica))
+        floor = d.replicas - spec.engine.max_unavailable
+        for r, desired, live in plans:
+            if live is None:
+                missing += 1
+                self.apply(desired, None)
+                continue
+            live_ready = _group_ready(live, d.pods_per_replica)
+            live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get("moeshard.io/desired-hash")
+            if live_hash != desired["metadata"]["annotations"]["moeshard.io/desired-hash"]:
+                # roll: replace a serving group only while the others keep the capacity floor
+                if live_ready and serving - 1 < floor:
+                    outdated += 1
+                    continue
+                outdated += 1
+                serving -= 1 if live_ready else 0
+                self.delete_group(d, live, pods, "rolling to the new plan")
+                self.apply(desired, None)
+                self.event("RolledGroup", f"replica group {r} replaced with the new template")
+                continue
+            group_pods = [p for p in pods if _replica_of(p) == r]
+            if d.uses_lws or not any(_pod_failed_after_start(p) for p in group_pods):
+                ready += 1 if live_ready else 0
+                continue
+            # 4b. a pod failed after start: the group is recreated as a unit, within the budget
+            if len(history) >= budget.max_restarts:
+                failed_reason = "RestartBudgetExceeded"
+                failed_message = (f"replica group {r} failed again after {len(history)} recreations within "
+                                  f"{budget.window} (spec.engine.restartBudget.maxRestarts {budget.max_restarts})")
+                continue
+            history.append({"replica": r, "time": self.now})
+            restarted += 1
+            serving -= 1 if live_ready else 0
+            self.delete_group(d, live, pods, "a pod failed after start")
+            self.apply(desired, None)
+            self.event("RecreatedGroup", f"replica group {r} recreated after a pod failed "
+                                         f"({len(history)}/{budget.max_restarts} in {budget.window})", "Warning")
+        if failed_reason:
+            self.event(failed_reason, failed_message, "Warning")
+
+        # 5. scale down: groups beyond the desired count
+        for name, group in sorted(groups.items()):
+            r = _replica_of(group)
+            if r is not None and r >= d.replicas:
+                self.delete_group(d, group, pods, "scaled down")
+                for kind, objs, obj_name in (("Service", services, naming.headless_service_name(self.name, r)),
+                                             ("PodDisruptionBudget", pdbs, name), ("ComputeDomain", domains, name)):
+                    if obj_name in objs:
+                        self.delete(objs[obj_name], "scaled down")
+
+        # 6. status
+        observation = Observation(**obs, ready=ready, missing=missing, outdated=outdated, restarted=restarted,
+                                  failed_reason=failed_reason, failed_message=failed_message or "",
+                                  group_restarts=history)
+        self.write_status(observation)
+        self.outcome.settled = (ready == d.replicas and not (missing or outdated or restarted)) or bool(failed_reason)
+        return self.outcome
+
+
+def reconcile(kube: Kube, body: dict[str, Any], now: str | None = None) -> Outcome:
+    """Reconcile one MoEDeployment body (a plain dict). Raises only KubeError (API trouble)."""
+    return _Reconciler(kube, body, now or _now()).run()
+
+
+def cleanup(kube: Kube, body: dict[str, Any]) -> Outcome:
+    """Delete every child of a MoEDeployment (the finalizer's work; on a real cluster the GC would follow)."""
+    rec = _Reconciler(kube, body, _now())
+    for kind in ("StatefulSet", "LeaderWorkerSet", "ComputeDomain", "PodDisruptionBudget", "Service",
+                 "ConfigMap", "Pod"):
+        for obj in rec.children(kind):
+            if kind == "Pod":
+                kube.delete("v1", "pods", rec.namespace, obj["metadata"]["name"])
+            else:
+                rec.delete(obj, "MoEDeployment deleted")
+    return rec.outcome
+
+
+# =========================================================================== kopf wiring
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(body), default=dict))
+
+
+def _config(memo: Any) -> OperatorConfig:
+    return getattr(memo, "config", None) or OperatorConfig()
+
+
+def _post(body: Any, events: list[tuple[str, str, str]]) -> None:
+    for type_, reason, message in events:
+        kopf.event(body, type=type_, reason=reason, message=message[:1000])
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Apply the OperatorConfig to kopf's settings; open the API client."""
+    config = _config(memo)
+    settings.persistence.finalizer = naming.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.watching.server_timeout = config.watch_server_timeout
+    settings.watching.client_timeout = config.watch_client_timeout
+    settings.networking.request_timeout = config.request_timeout
+    settings.posting.level = logging.INFO
+    memo.config = config
+    if getattr(memo, "kube", None) is None:
+        memo.kube = kube_from_config()
+        memo.kube.timeout = config.request_timeout
+    memo.locks = {}
+
+
+async def _reconcile_now(body: Any, memo: kopf.Memo, fn: Any = reconcile) -> Outcome:
+    uid = body["metadata"]["uid"]
+    lock = memo.locks.setdefault(uid, asyncio.Lock())
+    async with lock:
+        outcome = await asyncio.to_thread(fn, memo.kube, _plain(body))
+    _post(body, outcome.events)
+    return outcome
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def reconcile_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Create, update (spec only; /scale lands here too) and resume: reconcile at once."""
+    try:
+        outcome = await _reconcile_now(body, memo)
+    except KubeError as exc:
+        raise kopf.TemporaryError(str(exc), delay=_config(memo).error_delay_seconds) from exc
+    if outcome.invalid is not None:
+        raise kopf.PermanentError(str(outcome.invalid))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=1.0, cancellation_timeout=5.0)
+async def resync(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """Re-reconcile every progress_seconds until settled, then every resync_seconds."""
+    config = _config(memo)
+    delay = config.progress_seconds
+    while not await stopped.wait(delay):
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        try:
+            outcome = await _reconcile_now(body, memo)
+        except KubeError as exc:
+            logger.warning("resync of %s failed: %s", body["metadata"]["name"], exc)
+            delay = config.error_delay_seconds
+            continue
+        delay = config.resync_seconds if (outcome.settled or outcome.invalid) else config.progress_seconds
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def delete_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Delete the children before the finalizer goes (the emulator and some GitOps flows have no GC)."""
+    try:
+        await _reconcile_now(body, memo, cleanup)
+    except KubeError as exc:
+        raise kopf.TemporaryError(str(exc), delay=_config(memo).error_delay_seconds) from exc
+
+
+__all__ = ["KIND", "OperatorConfig", "Outcome", "cleanup", "reconcile"]

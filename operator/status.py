@@ -1,0 +1,145 @@
+"""Status of a MoEDeployment: phase and conditions from what the reconcile observed. Pure.
+
+The operator owns the conditions Planned, Available, Progressing and Degraded
+and the fields below; the balancer owns Balanced, MetricsAvailable and the
+placement fields. ``merge_conditions`` replaces only the owned conditions and
+keeps ``lastTransitionTime`` when a condition's status did not change, so a
+reconcile that changes nothing produces an identical status (and no write).
+
+Phase, first rule that matches:
+    Failed       the spec is invalid, or a group exhausted the restart budget
+    Pending      nothing can be created yet (e.g. the LeaderWorkerSet CRD is missing)
+    Ready        every desired group is up to date and ready
+    Degraded     fewer groups ready than desired after having been Ready/Degraded
+    Progressing  groups being created, rolled or recreated
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+OWNED_CONDITIONS = ("Planned", "Available", "Progressing", "Degraded")
+OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "plan", "replicas", "readyReplicas", "selector",
+                "groupRestarts")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one reconcile saw and did, the input of ``compute_status``.
+
+    replicas: desired groups; ready: groups up to date with every pod ready;
+    outdated: groups still running an old template; restarted: groups
+    recreated after a failure in this reconcile.
+    """
+
+    generation: int
+    replicas: int = 0
+    ready: int = 0
+    outdated: int = 0
+    missing: int = 0
+    restarted: int = 0
+    max_unavailable: int = 1
+    plan: dict[str, Any] | None = None
+    plan_summary: str = ""
+    selector: str | None = None
+    invalid_field: str | None = None  # spec path of a bad spec, None when valid
+    invalid_message: str = ""
+    failed_reason: str | None = None  # e.g. RestartBudgetExceeded
+    failed_message: str = ""
+    pending_reason: str | None = None  # e.g. LeaderWorkerSetMissing
+    pending_message: str = ""
+    group_restarts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message,
+            "observedGeneration": generation}
+
+
+def compute_phase(obs: Observation, previous_phase: str | None) -> str:
+    if obs.invalid_field is not None or obs.failed_reason is not None:
+        return "Failed"
+    if obs.pending_reason is not None:
+        return "Pending"
+    if obs.ready >= obs.replicas and obs.outdated == 0 and obs.missing == 0:
+        return "Ready"
+    if obs.restarted or (previous_phase in ("Ready", "Degraded") and obs.outdated == 0 and obs.missing == 0):
+        return "Degraded"
+    return "Progressing"
+
+
+def compute_conditions(obs: Observation, phase: str) -> list[dict[str, Any]]:
+    """The four owned conditions (without lastTransitionTime; merge_conditions adds it)."""
+    gen = obs.generation
+    if obs.invalid_field is not None:
+        message = f"{obs.invalid_field}: {obs.invalid_message}"
+        return [
+            _condition("Planned", False, "InvalidSpec", message, gen),
+            _condition("Available", False, "InvalidSpec", "nothing is deployed for an invalid spec", gen),
+            _condition("Progressing", False, "InvalidSpec", message, gen),
+            _condition("Degraded", False, "InvalidSpec", "", gen),
+        ]
+    planned = _condition("Planned", True, "Planned", obs.plan_summary, gen)
+    needed = max(0, obs.replicas - obs.max_unavailable) if obs.replicas else 0
+    available_ok = obs.ready >= needed and (obs.replicas == 0 or obs.ready >= 1)
+    available = _condition(
+        "Available", available_ok, "MinimumReplicasAvailable" if available_ok else "MinimumReplicasUnavailable",
+        f"{obs.ready}/{obs.replicas} replica groups ready", gen,
+    )
+    if obs.failed_reason is not None:
+        progressing = _condition("Progressing", False, obs.failed_reason, obs.failed_message, gen)
+    elif obs.pending_reason is not None:
+        progressing = _condition("Progressing", False, obs.pending_reason, obs.pending_message, gen)
+    elif phase == "Ready":
+        progressing = _condition("Progressing", False, "ReconcileComplete", "every replica group is up to date", gen)
+    else:
+        parts = [f"{n} {what}" for n, what in ((obs.missing, "to create"), (obs.outdated, "to roll"),
+                                               (obs.restarted, "recreated after a failure")) if n]
+        waiting = obs.replicas - obs.ready
+        if waiting > 0:
+            parts.append(f"{waiting} not ready")
+        progressing = _condition("Progressing", True, "RollingGroups" if obs.outdated else "CreatingGroups",
+                                 "replica groups: " + ", ".join(parts) if parts else "", gen)
+    if obs.failed_reason is not None:
+        degraded = _condition("Degraded", True, obs.failed_reason, obs.failed_message, gen)
+    elif phase == "Degraded":
+        degraded = _condition("Degraded", True, "GroupsNotReady",
+                              f"{obs.ready}/{obs.replicas} replica groups ready", gen)
+    else:
+        degraded = _condition("Degraded", False, "AsExpected", "", gen)
+    return [planned, available, progressing, degraded]
+
+
+def merge_conditions(previous: list[dict[str, Any]] | None, owned: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:
+    """Owned conditions replaced, others (the balancer's) kept in place; transition times kept when unchanged."""
+    previous = [c for c in (previous or []) if isinstance(c, dict)]
+    before = {c.get("type"): c for c in previous}
+    merged: list[dict[str, Any]] = []
+    for cond in owned:
+        old = before.get(cond["type"])
+        kept_time = old.get("lastTransitionTime") if old and old.get("status") == cond["status"] else None
+        merged.append(cond | {"lastTransitionTime": kept_time or now})
+    owned_types = {c["type"] for c in owned}
+    return merged + [c for c in previous if c.get("type") not in owned_types]
+
+
+def compute_status(obs: Observation, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
+    """The owned part of ``status`` (camelCase), to be merge-patched onto the live status."""
+    previous = previous or {}
+    phase = compute_phase(obs, previous.get("phase"))
+    status: dict[str, Any] = {
+        "observedGeneration": obs.generation,
+        "phase": phase,
+        "conditions": merge_conditions(previous.get("conditions"), compute_conditions(obs, phase), now),
+    }
+    if obs.invalid_field is None:
+        status |= {"plan": obs.plan, "replicas": obs.replicas, "readyReplicas": obs.ready,
+                   "selector": obs.selector, "groupRestarts": obs.group_restarts}
+    return status
+
+
+def status_changed(previous: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether writing ``new`` (owned fields only) would change the live status."""
+    previous = previous or {}
+    return any(previous.get(key) != value for key, value in new.items())
