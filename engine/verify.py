@@ -156,7 +156,7 @@ def local_env(model_dir: str | Path, world: int, *, tp: int = 1, gpus_per_domain
     )
 
 
-def _world_worker(rank: int, env: EngineEnvironment, task: Callable, args: tuple, results) -> None:
+def _runtime_worker(rank: int, env: EngineEnvironment, task: Callable, args: tuple, results) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -176,24 +176,33 @@ def _world_worker(rank: int, env: EngineEnvironment, task: Callable, args: tuple
                 pass
 
 
-def run_world(env: EngineEnvironment, task: Callable, *args: Any, timeout_s: float = 240.0) -> list[Any]:
-    """Run ``task(runtime, *args)`` on every rank of a local world (spawned processes); results by rank.
+def _plain_worker(rank: int, world: int, port: int, task: Callable, args: tuple, results) -> None:
+    import torch
+    import torch.distributed as dist
 
-    ``task`` must be importable by the children (a module-level function).
-    Raises RuntimeError with the rank's traceback when any rank fails.
-    """
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        results.put((rank, "ok", task(rank, world, *args)))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(world: int, target: Callable, make_args: Callable[[int, Any], tuple], timeout_s: float) -> list[Any]:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_world_worker, args=(r, env, task, args, results), daemon=True)
-             for r in range(env.expert_ep)]
+    procs = [ctx.Process(target=target, args=make_args(r, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
     errors = []
     try:
-        while len(out) + len(errors) < len(procs):
+        while len(out) < len(procs):
             try:
                 rank, status, value = results.get(timeout=timeout_s)
             except queue.Empty:
@@ -212,6 +221,22 @@ def run_world(env: EngineEnvironment, task: Callable, *args: Any, timeout_s: flo
     if errors:
         raise RuntimeError("engine world failed: " + "\n".join(errors))
     return [out[r] for r in range(len(procs))]
+
+
+def run_world(env: EngineEnvironment, task: Callable, *args: Any, timeout_s: float = 240.0) -> list[Any]:
+    """Run ``task(runtime, *args)`` on every rank of a local engine world (spawned processes); results by rank.
+
+    Each rank builds its :class:`EngineRuntime` from ``env``. ``task`` must be
+    importable by the children (a module-level function). Raises RuntimeError
+    with the failing rank's traceback.
+    """
+    return _spawn(env.expert_ep, _runtime_worker, lambda r, q: (r, env, task, args, q), timeout_s)
+
+
+def run_ranks(world: int, task: Callable, *args: Any, timeout_s: float = 240.0) -> list[Any]:
+    """Run ``task(rank, world, *args)`` in a plain gloo world of ``world`` local processes; results by rank."""
+    port = free_port()
+    return _spawn(world, _plain_worker, lambda r, q: (r, world, port, task, args, q), timeout_s)
 
 
 # --------------------------------------------------------------------------- verify
@@ -288,5 +313,5 @@ def report_json(report: dict[str, Any]) -> str:
 
 __all__ = [
     "DEFAULT_PROMPTS", "TINY_ARCHS", "free_port", "load_reference", "local_env", "make_tiny_model",
-    "reference_outputs", "replicated_placement", "run_world", "tiny_config", "verify",
+    "reference_outputs", "replicated_placement", "run_ranks", "run_world", "tiny_config", "verify",
 ]
