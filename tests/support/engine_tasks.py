@@ -75,10 +75,14 @@ def _expert_weights_match_checkpoint(runtime) -> bool:
     return True
 
 
-def oracle_task(runtime, prompts: list[list[int]], max_new_tokens: int, new_placement: str | None) -> dict[str, Any]:
-    """forward_logits + generate, then (optionally) apply a new placement and run both again."""
+def oracle_task(runtime, prompts: list[list[int]], max_new_tokens: int, new_placements: list[str],
+                probe: list[list[int]]) -> dict[str, Any]:
+    """A probe forward (few tokens: experts with no tokens), then forward_logits + generate under the
+    initial placement and again after applying each of ``new_placements`` in turn."""
+    probe_logits = runtime.forward_logits(probe)
+    probe_counts = runtime.expert_token_counts()
     phases = []
-    placements = [None] + ([new_placement] if new_placement else [])
+    placements = [None, *new_placements]
     for placement_json in placements:
         if placement_json is not None:
             runtime.apply_placement(parse_placement(placement_json))
@@ -91,6 +95,8 @@ def oracle_task(runtime, prompts: list[list[int]], max_new_tokens: int, new_plac
             "weights_ok": _expert_weights_match_checkpoint(runtime),
         })
     return {
+        "probe_logits": probe_logits.numpy() if runtime.rank == 0 else None,
+        "probe_counts": probe_counts,
         "phases": phases,
         "expert_tokens": runtime.expert_token_counts(),
         "rank_tokens": runtime.rank_token_counts(),
