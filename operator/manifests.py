@@ -138,7 +138,10 @@ def desired_hash(obj: dict[str, Any]) -> str:
     balancer owns it.
     """
     body = json.loads(json.dumps(obj))
-    body.get("metadata", {}).get("annotations", {}).pop(HASH_ANNOTATION, None)
+    meta = body.get("metadata", {})
+    meta.get("annotations", {}).pop(HASH_ANNOTATION, None)
+    if meta.get("annotations") == {}:
+        del meta["annotations"]
     if obj.get("kind") == "ConfigMap":
         body.get("data", {}).pop(PLACEMENT_KEY, None)
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,207 @@
+"""Pure builders and ``moeshard render``: shapes per hardware, scheduling hooks, validity."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import yaml
+
+from moeshard.operator import naming
+from moeshard.operator.api import parse_resource
+from moeshard.operator.cli import main
+from moeshard.operator.commands.render import PLACEHOLDER_UID, render_objects
+from moeshard.operator.engine_env import EngineEnvironment
+from moeshard.operator.manifests import (
+    CLIQUE_LABEL, GPU_RESOURCE, HASH_ANNOTATION, KUEUE_QUEUE_LABEL, Deployment, build_all, desired_hash,
+)
+from moeshard.operator.placement import parse_placement
+from moeshard.operator.planner import plan_for_spec
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.yaml"))
+
+
+def _qwen(profile: str, **spec_changes) -> dict:
+    body = {
+        "apiVersion": "moeshard.io/v1alpha1", "kind": "MoEDeployment",
+        "metadata": {"name": "qwen3", "namespace": "serving", "uid": "1234"},
+        "spec": {"model": {"preset": "qwen3-235b-a22b"}, "hardware": {"profile": profile},
+                 "parallelism": {"replicas": 2}},
+    }
+    body["spec"].update(spec_changes)
+    return body
+
+
+def _kinds(objs, kind):
+    return [o for o in objs if o["kind"] == kind]
+
+
+def _container(sts):
+    return sts["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_qwen3_on_gb200_is_two_groups_of_four_pods_of_four_gpus_with_clique_affinity(check_moed):
+    objs = render_objects(check_moed(_qwen("gb200-nvl72")))
+    groups = _kinds(objs, "StatefulSet")
+    assert [g["metadata"]["name"] for g in groups] == ["qwen3-r0", "qwen3-r1"]
+    for r, sts in enumerate(groups):
+        assert sts["spec"]["replicas"] == 4
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+        assert sts["spec"]["serviceName"] == f"qwen3-r{r}-ranks"
+        assert _container(sts)["resources"]["limits"][GPU_RESOURCE] == "4"
+        term = sts["spec"]["template"]["spec"]["affinity"]["podAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term == [{"topologyKey": CLIQUE_LABEL, "labelSelector": {"matchLabels": sts["spec"]["selector"]["matchLabels"]}}]
+        assert sts["spec"]["selector"]["matchLabels"][naming.LABEL_REPLICA] == str(r)
+        env = {e["name"]: e.get("value") for e in _container(sts)["env"]}
+        assert (env["MOESHARD_EXPERT_EP"], env["MOESHARD_ATTENTION_TP"]) == ("16", "4")
+        assert env["MOESHARD_RENDEZVOUS"] == f"qwen3-r{r}-0.qwen3-r{r}-ranks.serving.svc:29500"
+
+
+def test_qwen3_on_h100_is_one_pod_of_eight_gpus_per_replica(check_moed):
+    objs = render_objects(check_moed(_qwen("h100-hgx", parallelism={"replicas": 2, "expertEP": 8})))
+    groups = _kinds(objs, "StatefulSet")
+    assert len(groups) == 2
+    for sts in groups:
+        assert sts["spec"]["replicas"] == 1
+        assert _container(sts)["resources"]["limits"][GPU_RESOURCE] == "8"
+        assert "affinity" not in sts["spec"]["template"]["spec"]  # one pod: one node, one NVLink domain
+
+
+def test_group_past_the_hgx_domain_needs_permission_and_gets_no_clique_affinity(check_moed):
+    with pytest.raises(Exception) as err:
+        render_objects(_qwen("h100-hgx", parallelism={"replicas": 1, "expertEP": 16}))
+    assert err.value.field.startswith("spec.parallelism")
+    body = check_moed(_qwen("h100-hgx", parallelism={"replicas": 1, "expertEP": 16, "allowCrossDomain": True}))
+    sts = _kinds(render_objects(body), "StatefulSet")[0]
+    assert sts["spec"]["replicas"] == 2 and _container(sts)["resources"]["limits"][GPU_RESOURCE] == "8"
+    assert "affinity" not in sts["spec"]["template"]["spec"]  # crosses the fabric: no clique to share
+
+
+def test_cpu_profile_requests_no_gpus(example):
+    objs = render_objects(example("tiny-cpu"))
+    container = _container(_kinds(objs, "StatefulSet")[0])
+    assert GPU_RESOURCE not in container["resources"]["limits"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MOESHARD_DEVICE"] == "cpu"
+
+
+def test_engine_env_parses_back_for_every_pod_index(example):
+    objs = render_objects(example("tiny-cpu", **{"spec.parallelism.replicas": 2}))
+    for sts in _kinds(objs, "StatefulSet"):
+        env = _container(sts)["env"]
+        pod_index = next(e for e in env if e["name"] == "MOESHARD_POD_INDEX")
+        assert pod_index["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+        for index in range(sts["spec"]["replicas"]):
+            environ = {e["name"]: e.get("value", str(index)) for e in env}
+            parsed = EngineEnvironment.from_environ(environ)
+            assert parsed.replica_index == int(sts["metadata"]["labels"][naming.LABEL_REPLICA])
+            assert parsed.pods_per_group * parsed.gpus_per_pod == parsed.expert_ep
+
+
+def test_every_child_is_owned_labelled_and_hashed(example):
+    objs = render_objects(example("tiny-cpu"))
+    for obj in objs:
+        meta = obj["metadata"]
+        assert meta["ownerReferences"] == [{"apiVersion": "moeshard.io/v1alpha1", "kind": "MoEDeployment",
+                                            "name": "tiny", "uid": PLACEHOLDER_UID, "controller": True,
+                                            "blockOwnerDeletion": True}]
+        assert meta["labels"][naming.LABEL_DEPLOYMENT] == "tiny"
+        assert meta["annotations"][HASH_ANNOTATION] == desired_hash(obj)
+
+
+def test_config_map_holds_the_plan_and_a_valid_version_zero_placement(example):
+    body = example("tiny-cpu")
+    cm = _kinds(render_objects(body), "ConfigMap")[0]
+    plan = json.loads(cm["data"]["plan.json"])
+    assert plan["chosen"]["expertEP"] == 4
+    placement = parse_placement(cm["data"]["placement.json"])
+    assert placement.version == 0 and placement.num_gpus == 4
+    assert placement.num_slots == 8 + body["spec"]["loadBalancing"]["redundantSlots"]
+
+
+def test_front_service_selects_rank_zero_of_every_group(example):
+    objs = render_objects(example("tiny-cpu", **{"spec.parallelism.replicas": 3}))
+    front = next(s for s in _kinds(objs, "Service") if s["metadata"]["name"] == "tiny")
+    assert front["spec"]["selector"] == {naming.LABEL_NAME: "moeshard-engine", naming.LABEL_DEPLOYMENT: "tiny",
+                                         "apps.kubernetes.io/pod-index": "0"}
+    headless = [s for s in _kinds(objs, "Service") if s["spec"].get("clusterIP") == "None"]
+    assert [s["metadata"]["name"] for s in headless] == ["tiny-r0-ranks", "tiny-r1-ranks", "tiny-r2-ranks"]
+    pdbs = _kinds(objs, "PodDisruptionBudget")
+    assert [p["spec"]["minAvailable"] for p in pdbs] == [1, 1, 1]
+
+
+def test_scheduling_hooks_reach_the_pods(check_moed):
+    scheduling = {
+        "nodeSelector": {"pool": "gb200"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "inference-high", "kueueQueue": "team-a",
+        "topologyAnnotations": {"kueue.x-k8s.io/podset-required-topology": CLIQUE_LABEL},
+        "computeDomain": True,
+    }
+    objs = render_objects(check_moed(_qwen("gb200-nvl72", engine={"scheduling": scheduling})))
+    sts = _kinds(objs, "StatefulSet")[0]
+    pod = sts["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"pool": "gb200"}
+    assert pod["spec"]["tolerations"] == scheduling["tolerations"]
+    assert pod["spec"]["priorityClassName"] == "inference-high"
+    assert pod["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
+    assert sts["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
+    assert pod["metadata"]["annotations"] == scheduling["topologyAnnotations"]
+    domains = _kinds(objs, "ComputeDomain")
+    assert [d["spec"]["numNodes"] for d in domains] == [4, 4]
+    claim = domains[0]["spec"]["channel"]["resourceClaimTemplate"]["name"]
+    assert pod["spec"]["resourceClaims"] == [{"name": "compute-domain", "resourceClaimTemplateName": claim}]
+    assert _container(sts)["resources"]["claims"] == [{"name": "compute-domain"}]
+
+
+def test_leaderworkerset_group(check_moed):
+    objs = render_objects(check_moed(_qwen("gb200-nvl72", engine={"groupKind": "LeaderWorkerSet"})))
+    assert not _kinds(objs, "StatefulSet")
+    lws = _kinds(objs, "LeaderWorkerSet")
+    assert [l["spec"]["leaderWorkerTemplate"]["size"] for l in lws] == [4, 4]
+    assert lws[0]["spec"]["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"
+    env = lws[0]["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["env"]
+    pod_index = next(e for e in env if e["name"] == "MOESHARD_POD_INDEX")
+    assert "leaderworkerset.sigs.k8s.io/worker-index" in pod_index["valueFrom"]["fieldRef"]["fieldPath"]
+    front = next(s for s in _kinds(objs, "Service") if s["metadata"]["name"] == "qwen3")
+    assert front["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("variant", ["plain", "hooks"])
+def test_every_built_in_object_passes_kubernetes_validate(name, variant, example, check_moed, check_builtin):
+    body = example(name)
+    if variant == "hooks":
+        body["spec"].setdefault("engine", {})["scheduling"] = {
+            "nodeSelector": {"a": "b"}, "priorityClassName": "p", "kueueQueue": "q", "computeDomain": True,
+            "tolerations": [{"key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute",
+                             "tolerationSeconds": 30}],
+            "topologyAnnotations": {"x/y": "z"},
+        }
+        body["spec"]["model"]["weights"] = {"uri": "file:///models/x"}
+    check_moed(body)
+    for obj in render_objects(body):
+        check_builtin(obj)
+
+
+def test_render_prints_exactly_the_builders_output(tmp_path, capsys, example):
+    body = example("qwen3-235b-gb200")
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(body))
+    assert main(["render", str(path)]) == 0
+    printed = list(yaml.safe_load_all(capsys.readouterr().out))
+    spec = parse_resource(body)
+    expected = build_all(Deployment(body["metadata"]["name"], body["metadata"]["namespace"], PLACEHOLDER_UID,
+                                    spec, plan_for_spec(spec)))
+    assert printed == expected
+
+
+def test_render_names_the_bad_field(tmp_path, capsys, example):
+    body = example("tiny-cpu", **{"spec.parallelism.expertEP": 5, "spec.parallelism.attentionTP": 1})
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(body))
+    assert main(["render", str(path)]) == 2
+    assert "spec.parallelism.expertEP" in capsys.readouterr().err
