@@ -158,3 +158,31 @@ def test_launcher_rejects_bad_inputs(force_triton, case):
 def test_twin_rejects_unknown_gemm_strategy(twin_only):
     with pytest.raises(ValueError, match="gemms must be one of"):
         fused_expert_ffn_torch(*make_moe_inputs(2, 1, 2, 16, 16), gemms="cublas")
+
+
+# ----------------------------------------------------------------- twin's expert runs
+
+
+@pytest.mark.parametrize(
+    "counts,max_rows,runs",
+    [
+        ([3, 0, 2, 4], 100, [(0, 4, 0, 9)]),
+        ([3, 0, 2, 4], 5, [(0, 3, 0, 5), (3, 4, 5, 9)]),
+        ([0, 7, 0, 0, 1], 4, [(1, 2, 0, 7), (4, 5, 7, 8)]),  # one expert over the budget runs alone
+        ([2, 2, 2], 1, [(0, 1, 0, 2), (1, 2, 2, 4), (2, 3, 4, 6)]),
+        ([0, 0], 8, []),
+    ],
+)
+def test_expert_runs(counts, max_rows, runs):
+    from moeshard.kernels.fused_moe import expert_runs
+
+    assert expert_runs(counts, max_rows) == runs
+
+
+def test_twin_with_many_small_runs(twin_only, monkeypatch):
+    import moeshard.kernels.fused_moe as fm
+
+    inputs = make_moe_inputs(23, 2, 5, 16, 16, seed=17)
+    whole = fm.fused_expert_ffn_torch(*inputs)
+    monkeypatch.setattr(fm, "TWIN_RUN_ELEMENTS", 3 * (16 + 32))  # runs of about 3 rows
+    torch.testing.assert_close(fm.fused_expert_ffn_torch(*inputs), whole, atol=1e-6, rtol=1e-6)
