@@ -62,6 +62,7 @@ class OperatorConfig:
     watch_client_timeout: int = 330
     request_timeout: float = 30.0
     error_delay_seconds: float = 10.0  # retry delay after an API error
+    peering_mandatory: bool = False  # refuse to run when the kopf peering object is missing
 
 
 @dataclass
@@ -355,6 +356,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.client_timeout = config.watch_client_timeout
     settings.networking.request_timeout = config.request_timeout
     settings.posting.level = logging.INFO
+    settings.posting.reporting_component = "moeshard-operator"
+    settings.peering.mandatory = config.peering_mandatory
     memo.config = config
     if getattr(memo, "kube", None) is None:
         memo.kube = kube_from_config()

@@ -58,7 +58,8 @@ def operator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     from ..handlers import OperatorConfig
 
-    config = OperatorConfig(resync_seconds=args.resync, progress_seconds=args.progress_interval)
+    config = OperatorConfig(resync_seconds=args.resync, progress_seconds=args.progress_interval,
+                            peering_mandatory=not args.standalone)
     return {
         "clusterwide": bool(args.all_namespaces),
         "namespaces": list(args.namespaces or []),

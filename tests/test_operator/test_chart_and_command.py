@@ -1,0 +1,98 @@
+"""The Helm chart (lint, render, validity, RBAC covers what the operator writes) and `moeshard operator`."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import helm_python as helm
+import pytest
+import yaml
+
+from moeshard.operator.commands import run_operator
+from moeshard.operator.manifests import KINDS
+
+CHART = pathlib.Path(__file__).resolve().parents[2] / "charts" / "moeshard"
+
+
+def _render(values: dict) -> list[dict]:
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(values, name="ms", namespace="moeshard-system", is_install=True)
+    return [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def _rules(objs, kind):
+    return [rule for o in objs if o["kind"] == kind for rule in o["rules"]]
+
+
+def _allowed(rules, api_version: str, plural: str, verb: str) -> bool:
+    group = api_version.rpartition("/")[0] if "/" in api_version else ""
+    return any(group in r["apiGroups"] and plural in r["resources"] and verb in r["verbs"] for r in rules)
+
+
+def test_chart_lints_clean():
+    report = helm.lint(str(CHART), strict=True)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] > 1] == []
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"operator": {"watch": {"allNamespaces": False, "namespaces": ["team-a", "team-b"]}}},
+    {"operator": {"replicas": 1, "peering": {"enabled": False}, "verbose": True}},
+])
+def test_chart_renders_valid_objects(values, check_builtin):
+    objs = _render(values)
+    kinds = sorted({o["kind"] for o in objs})
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= set(kinds)
+    for obj in objs:
+        if obj["kind"] not in ("ClusterKopfPeering", "KopfPeering"):
+            check_builtin(obj)
+
+
+def test_rbac_covers_every_kind_the_operator_writes():
+    objs = _render({})
+    rules = _rules(objs, "ClusterRole")
+    for kind, (api_version, plural) in KINDS.items():
+        if kind == "MoEDeployment":
+            assert _allowed(rules, api_version, "moedeployments/status", "patch")
+            continue
+        verbs = ("create",) if kind == "Event" else ("list", "delete") if kind == "Pod" else ("list", "create", "patch", "delete")
+        for verb in verbs:
+            assert _allowed(rules, api_version, plural, verb), (kind, verb)
+    assert _allowed(rules, "v1", "namespaces", "watch")  # kopf never starts without it
+    assert _allowed(rules, "kopf.dev/v1", "clusterkopfpeerings", "patch")
+    namespaced = _render({"operator": {"watch": {"allNamespaces": False, "namespaces": ["team-a"]}}})
+    roles = [o for o in namespaced if o["kind"] == "Role"]
+    assert [r["metadata"]["namespace"] for r in roles] == ["team-a"]
+    assert _allowed(roles[0]["rules"], "apps/v1", "statefulsets", "create")
+    assert not _allowed(_rules(namespaced, "ClusterRole"), "apps/v1", "statefulsets", "create")
+
+
+def test_chart_args_match_the_command_line():
+    deployment = next(o for o in _render({"operator": {"watch": {"allNamespaces": False, "namespaces": ["a", "b"]}}})
+                      if o["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    parser = argparse.ArgumentParser()
+    run_operator.configure(parser)
+    args = parser.parse_args(container["args"])
+    kwargs = run_operator.operator_kwargs(args)
+    assert kwargs["namespaces"] == ["a", "b"] and not kwargs["clusterwide"]
+    assert kwargs["peering_name"] == "moeshard" and not kwargs["standalone"]
+    assert kwargs["memo"].config.peering_mandatory
+
+
+def test_command_scope_and_peering_options():
+    parser = argparse.ArgumentParser()
+    run_operator.configure(parser)
+    kwargs = run_operator.operator_kwargs(parser.parse_args(["-A", "--standalone", "--resync", "30"]))
+    assert kwargs["clusterwide"] and kwargs["standalone"] and kwargs["peering_name"] is None
+    assert kwargs["memo"].config.resync_seconds == 30 and not kwargs["memo"].config.peering_mandatory
+    with pytest.raises(SystemExit):
+        parser.parse_args([])  # a scope is required
+    assert run_operator.load_handlers()[0] == "moeshard.operator.handlers"
+
+
+def test_chart_without_peering_refuses_several_replicas():
+    with pytest.raises(Exception, match="peering"):
+        _render({"operator": {"replicas": 2, "peering": {"enabled": False}}})
