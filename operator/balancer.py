@@ -516,7 +516,10 @@ def _shares(state: _State, loads: np.ndarray) -> np.ndarray:
     sums = np.zeros((num_layers, num_experts))
     rows = np.broadcast_to(np.arange(num_layers)[:, None], state.phy2log.shape)
     np.add.at(sums, (rows, state.phy2log), shares)
-    return shares / np.take_along_axis(sums, state.phy2log, axis=1)
+    slot_sums = np.take_along_axis(sums, state.phy2log, axis=1)
+    # Loads so small that the shares underflow (subnormal counts): fall back to the even split.
+    lost = ~(slot_sums > 0.5)
+    return np.where(lost, even, shares / np.where(lost, 1.0, slot_sums))
 
 
 def _check_previous(previous: Placement, loads: np.ndarray, num_gpus: int, slots_per_gpu: int) -> None:
