@@ -10,9 +10,11 @@ query is polled with a bounded deadline.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from moeshard.operator.api import LoadBalancingSpec
 from moeshard.operator.placement import initial_placement, parse_placement, replica_slot
@@ -158,3 +160,154 @@ def test_query_is_scoped_to_the_deployment():
                      '{moeshard_deployment="qwen",moeshard_namespace="serving"}[5m]))')
     with pytest.raises(ValueError, match="metadata.name"):
         expert_load_query('a"b', "serving", "5m")
+
+
+# --------------------------------------------------------------------------- the daemon against the kube emulator
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def moed(url: str, interval: str = "1m", name: str = "skewed") -> dict:
+    """A MoEDeployment whose plan is EP 4 x 5 slots over 16 experts and 2 MoE layers (the exporter's shape)."""
+    body = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    body["metadata"] = {"name": name, "namespace": NAMESPACE}
+    body["spec"]["model"]["architecture"]["numExperts"] = EXPERTS
+    body["spec"]["loadBalancing"] = {"redundantSlots": GPUS * SLOTS - EXPERTS, "interval": interval,
+                                     "window": WINDOW, "prometheusURL": url}
+    return body
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    """kmock's emulator (tests/support/kube_emulator.py) on 127.0.0.1, the CRD installed; yields (thread, Kube)."""
+    from kubernetes import client, config
+
+    from moeshard.operator.kube import Kube
+    from support.kube_emulator import EmulatorThread, KubeEmulator
+
+    emulator = KubeEmulator()
+    emulator.add_crd(yaml.safe_load((ROOT / "crds" / "moedeployments.yaml").read_text()))
+    emulator.add_namespace(NAMESPACE)
+    thread = EmulatorThread(emulator).start()
+    path = thread.write_kubeconfig(str(tmp_path))
+    monkeypatch.setenv("KUBECONFIG", path)
+    monkeypatch.setattr(config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", path)
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=path, client_configuration=configuration)
+    try:
+        yield thread, Kube(client.ApiClient(configuration), timeout=5.0)
+    finally:
+        thread.stop()
+
+
+def create_with_config_map(kube, body: dict, placement) -> dict:
+    """The MoEDeployment and the ConfigMap the reconciler would create (placement version 0)."""
+    from moeshard.operator.naming import config_map_name
+    from moeshard.operator.placement import PLACEMENT_KEY
+
+    live = kube.request("POST", f"/apis/moeshard.io/v1alpha1/namespaces/{NAMESPACE}/moedeployments", body)
+    kube.request("POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": config_map_name(body["metadata"]["name"]), "namespace": NAMESPACE},
+        "data": {PLACEMENT_KEY: placement.to_json()},
+    })
+    return live
+
+
+def live_placement(kube, name: str):
+    from moeshard.operator.naming import config_map_name
+    from moeshard.operator.placement import PLACEMENT_KEY
+
+    cm = kube.get("v1", "configmaps", NAMESPACE, config_map_name(name))
+    return parse_placement(cm["data"][PLACEMENT_KEY])
+
+
+def live_status(kube, name: str) -> dict:
+    return kube.get("moeshard.io/v1alpha1", "moedeployments", NAMESPACE, name).get("status") or {}
+
+
+def test_balance_once_writes_placement_and_status(prometheus, cluster):
+    from moeshard.operator.balancer_handlers import balance_once
+
+    _, kube = cluster
+    body = create_with_config_map(kube, moed(prometheus.url), initial_placement(LAYERS, EXPERTS, GPUS, SLOTS))
+    kube.patch_status("moeshard.io/v1alpha1", "moedeployments", body, lambda s: {"conditions": [
+        {"type": "Available", "status": "True", "reason": "Ready", "message": "",
+         "lastTransitionTime": "2026-01-01T00:00:00Z"}]})
+    body = kube.get("moeshard.io/v1alpha1", "moedeployments", NAMESPACE, "skewed")
+    run = wait_for(lambda: balance_once(kube, body), lambda r: r.action != "kept"
+                   or r.outcome.conditions[0]["reason"] != REASON_NO_DATA, DEADLINE_S)
+    assert run.action == "rebalanced", run
+    placement = live_placement(kube, "skewed")
+    assert placement.version == 1
+    status = live_status(kube, "skewed")
+    assert status["placementVersion"] == 1 and status["imbalanceAfter"] < status["imbalanceBefore"]
+    assert status["lastRebalanceTime"].endswith("Z") and status["replicatedExperts"] >= 1
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Available"]["reason"] == "Ready"  # the reconciler's conditions are kept
+    assert conditions["Balanced"]["reason"] == "Rebalanced" and conditions["MetricsAvailable"]["status"] == "True"
+    assert run.events[0][:2] == ("Normal", "Rebalanced")
+    # Prometheus gone: the placement stays, MetricsAvailable=False with the reason.
+    down = moed(f"http://127.0.0.1:{free_port()}")
+    body["spec"] = down["spec"]
+    run = balance_once(kube, body)
+    assert run.action == "kept" and run.events[0][0] == "Warning"
+    assert live_placement(kube, "skewed").version == 1
+    conditions = {c["type"]: c for c in live_status(kube, "skewed")["conditions"]}
+    assert (conditions["MetricsAvailable"]["status"], conditions["MetricsAvailable"]["reason"]) == (
+        "False", REASON_UNREACHABLE)
+    assert conditions["Balanced"]["reason"] == "Rebalanced"  # untouched by a metrics failure
+
+
+def test_balance_once_drops_its_plan_when_the_config_map_changed(prometheus, cluster):
+    from moeshard.operator.balancer_handlers import balance_once
+    from moeshard.operator.naming import config_map_name
+
+    _, kube = cluster
+    body = create_with_config_map(kube, moed(prometheus.url), initial_placement(LAYERS, EXPERTS, GPUS, SLOTS))
+    stale = kube.get("v1", "configmaps", NAMESPACE, config_map_name("skewed"))
+    kube.patch("v1", "configmaps", NAMESPACE, config_map_name("skewed"), {"metadata": {"labels": {"x": "y"}}})
+
+    class StaleReads:
+        """The API as seen by a cycle that read the ConfigMap just before the reconciler wrote it."""
+
+        def __getattr__(self, attr):
+            return getattr(kube, attr)
+
+        def get(self, api_version, plural, namespace, name, subresource=None):
+            if plural == "configmaps":
+                return stale
+            return kube.get(api_version, plural, namespace, name, subresource)
+
+    run = wait_for(lambda: balance_once(StaleReads(), body), lambda r: r.action == "conflict", DEADLINE_S)
+    assert "retry next interval" in run.why
+    assert live_placement(kube, "skewed").version == 0
+
+
+@pytest.mark.slow
+def test_operator_daemon_rebalances_on_its_interval(prometheus, cluster):
+    """The real kopf operator: the reconciler writes version 0, the balancer daemon replaces it."""
+    import kopf
+
+    from moeshard.operator import balancer_handlers, handlers  # noqa: F401  (register the handlers)
+    from moeshard.operator.handlers import OperatorConfig
+    from support.kube_emulator import OperatorThread
+
+    thread, kube = cluster
+    settings = kopf.OperatorSettings()
+    settings.queueing.exit_timeout = 2.0
+    settings.watching.reconnect_backoff = 0.05
+    config = OperatorConfig(resync_seconds=1.0, progress_seconds=0.5, watch_server_timeout=10,
+                            watch_client_timeout=15, request_timeout=5.0, error_delay_seconds=0.5)
+    operator = OperatorThread(namespaces=[NAMESPACE], memo=kopf.Memo(config=config), settings=settings).start()
+    try:
+        kube.request("POST", f"/apis/moeshard.io/v1alpha1/namespaces/{NAMESPACE}/moedeployments",
+                     moed(prometheus.url, interval="2s"))
+        wait_for(lambda: live_status(kube, "skewed").get("placementVersion"), lambda v: v == 1, DEADLINE_S)
+        placement = live_placement(kube, "skewed")
+        assert placement.version == 1
+        assert routed_imbalance(placement, skewed_shares()) < routed_imbalance(
+            initial_placement(LAYERS, EXPERTS, GPUS, SLOTS), skewed_shares()) - 0.15
+    finally:
+        operator.stop()
