@@ -238,10 +238,13 @@ class EngineRuntime:
         slot whose logical expert is unchanged keeps its weights, a local copy
         is used when this rank already holds the expert, else the weights come
         from the holder with the lowest old slot.
+
+        Memory: the new slot tensors are built beside the old ones, so expert
+        memory peaks at old + new for the duration of the call.
         """
         check_placement(placement, self.config, self.world_size)
         old, me = self.placement, self.rank
-        sends, recvs, new_weights = [], [], []
+        ops, recvs, new_weights = [], [], []
         tag = 0
         for li, moe in enumerate(self.model.moe_layers):
             s_new = placement.slots_per_gpu
@@ -256,20 +259,23 @@ class EngineRuntime:
                         gu[dst_slot], dn[dst_slot] = moe.w_gate_up[src_slot], moe.w_down[src_slot]
                     else:
                         buf = torch.empty(gu[0].numel() + dn[0].numel(), dtype=gu.dtype, device=gu.device)
-                        recvs.append((dist.irecv(buf, src=src_rank, tag=tag), buf, gu, dn, dst_slot))
+                        ops.append(dist.P2POp(dist.irecv, buf, src_rank, tag=tag))
+                        recvs.append((buf, gu, dn, dst_slot))
                 elif src_rank == me:
                     payload = torch.cat([moe.w_gate_up[src_slot].reshape(-1), moe.w_down[src_slot].reshape(-1)])
-                    sends.append((dist.isend(payload, dst=dst_rank, tag=tag), payload))
+                    ops.append(dist.P2POp(dist.isend, payload, dst_rank, tag=tag))
             for s in range(s_new):
                 if s not in moved:  # unchanged slot (same index, same expert)
                     gu[s], dn[s] = moe.w_gate_up[s], moe.w_down[s]
             new_weights.append((gu, dn))
-        for work, buf, gu, dn, slot in recvs:
+        # One batch: NCCL groups the sends/receives (no ordering deadlock between pairs); gloo posts them all.
+        # The barrier first: NCCL needs its communicator up before a batch some ranks may not join.
+        dist.barrier()
+        for work in dist.batch_isend_irecv(ops) if ops else []:
             work.wait()
+        for buf, gu, dn, slot in recvs:
             gu[slot] = buf[: gu[0].numel()].view_as(gu[slot])
             dn[slot] = buf[gu[0].numel():].view_as(dn[slot])
-        for work, _ in sends:
-            work.wait()
         for moe, (gu, dn) in zip(self.model.moe_layers, new_weights):
             moe.set_placement(placement, gu, dn)
         dist.barrier()

@@ -105,12 +105,9 @@ def test_oracle_mixtral_ep2_tp1(tiny_checkpoint):
     _run_and_check(tiny_checkpoint, "mixtral", 2, 1)
 
 
-MATRIX = [
-    (arch, ep, tp)
-    for arch in ("qwen3_moe", "mixtral")
-    for ep, tp in ((1, 1), (2, 1), (2, 2), (4, 1), (4, 2))
-    if (arch, ep, tp) not in (("qwen3_moe", 4, 2), ("mixtral", 2, 1))
-]
+# Qwen3-MoE over the whole EP x TP matrix goes through `moeshard engine verify` (test_engine_cli.py,
+# with replicated experts); here Mixtral takes the matrix, with placement changes.
+MATRIX = [("mixtral", ep, tp) for ep, tp in ((1, 1), (2, 2), (4, 1), (4, 2))]
 
 
 @pytest.mark.slow
