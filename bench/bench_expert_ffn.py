@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import moeshard.kernels.fused_moe as fused_moe
 from moeshard.kernels.fused_moe import (
     expert_ffn_launch_config,
     fused_expert_ffn_torch,
@@ -300,13 +301,15 @@ def parse_args(argv=None):
                    help="default bfloat16 (CPU and CUDA)")
     p.add_argument("--cpu-scale", type=int, default=8, help="CPU: divide H and I by this (default 8)")
     p.add_argument("--max-gflop", type=float, default=None,
-                   help="skip cases above this GEMM work (CPU default 24, --quick 1; CUDA none)")
+                   help="skip cases above this GEMM work (CPU default 24, --quick 6; CUDA none)")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds per subject (CPU 5, quick 3, CUDA 10)")
     p.add_argument("--quick", action="store_true", help="~20 s on 2 CPU cores: fewer cases and rounds")
     p.add_argument("--layouts", default=None, help="comma list of model:ep, e.g. qwen3-235b:8")
     p.add_argument("--tokens", default=None, help="comma list of tokens per expert")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch threads (default 1: a shared 2-core machine makes 2-thread GEMMs straggle)")
+    p.add_argument("--twin-run-elements", type=int, default=None,
+                   help="override fused_moe.TWIN_RUN_ELEMENTS (the twin's CPU run size) to study it")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/expert_ffn_<device>_<time>.json)")
     return p.parse_args(argv)
 
@@ -334,8 +337,10 @@ def main(argv=None) -> int:
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(args.threads or 1)
+    if args.twin_run_elements:
+        fused_moe.TWIN_RUN_ELEMENTS = args.twin_run_elements
     scale = 1 if on_gpu else args.cpu_scale
-    max_gflop = args.max_gflop if args.max_gflop is not None else (None if on_gpu else (1.0 if args.quick else 24.0))
+    max_gflop = args.max_gflop if args.max_gflop is not None else (None if on_gpu else (6.0 if args.quick else 24.0))
     rounds = args.rounds or (10 if on_gpu else (3 if args.quick else 5))
     min_round_s = 0.02 if on_gpu else (0.01 if args.quick else 0.02)
     ceilings = measure_device_ceilings(device) if on_gpu else None
@@ -348,6 +353,7 @@ def main(argv=None) -> int:
             "shape_scale": scale,
             "max_gflop": max_gflop,
             "rounds": rounds,
+            "twin_run_elements": fused_moe.TWIN_RUN_ELEMENTS,
             "skew_exponent": SKEW_EXPONENT,
             "models": {k: asdict(v) for k, v in MODELS.items()},
         },

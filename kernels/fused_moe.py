@@ -461,7 +461,12 @@ def fused_expert_ffn_torch(
     tokens = order // k
     coef = topk_weights.reshape(-1)[order].float() if apply_weights else None
     grouped = gemms == "grouped_mm" or (gemms == "auto" and grouped_mm_supported(x, h, i))
-    max_rows = max(1, TWIN_RUN_ELEMENTS // (h + 2 * i)) if grouped else 1
+    if not grouped:
+        max_rows = 1  # one expert per run
+    elif x.device.type == "cpu":
+        max_rows = max(1, TWIN_RUN_ELEMENTS // (h + 2 * i))
+    else:
+        max_rows = order.numel()  # on a GPU one grouped GEMM pair over all experts
     for e0, e1, r0, r1 in expert_runs(counts.tolist(), max_rows):
         # 2. Gather the run's rows; gate/up GEMM, SwiGLU, down GEMM.
         rows = slice(r0, r1)

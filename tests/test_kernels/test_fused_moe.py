@@ -186,3 +186,9 @@ def test_twin_with_many_small_runs(twin_only, monkeypatch):
     whole = fm.fused_expert_ffn_torch(*inputs)
     monkeypatch.setattr(fm, "TWIN_RUN_ELEMENTS", 3 * (16 + 32))  # runs of about 3 rows
     torch.testing.assert_close(fm.fused_expert_ffn_torch(*inputs), whole, atol=1e-6, rtol=1e-6)
+
+
+def test_triton_many_pairs_wider_tiles(force_triton, device):
+    # 140 pairs span two alignment chunks; 32-wide tiles with several K steps.
+    config = LaunchConfig(block_m=32, block_n=32, block_k=32, group_m=4)
+    triton_vs_twin(make_moe_inputs(70, 2, 6, 80, 72, dtype=torch.float16, seed=18), device, config)
