@@ -189,3 +189,23 @@ def test_parallel_config_layout_and_errors():
     assert ParallelConfig.from_env(env, 1).rank == 3
     with pytest.raises(ValueError, match="local_rank 2"):
         ParallelConfig.from_env(env, 2)
+
+
+def test_large_checkpoints_show_loading_progress(tiny_checkpoint, monkeypatch, capsys):
+    import moeshard.engine.model as model_module
+
+    rt = _runtime(tiny_checkpoint("mixtral"))  # tiny: quiet
+    rt.close()
+    assert "loading layers" not in capsys.readouterr().err
+    monkeypatch.setattr(model_module, "PROGRESS_MIN_BYTES", 0)  # pretend it is large
+    rt = _runtime(tiny_checkpoint("mixtral"))
+    rt.close()
+    assert "loading layers" in capsys.readouterr().err
+
+
+def test_dispatch_mode_follows_the_domain_layout():
+    from moeshard.engine.comm import FlatAllToAll, HierarchicalAllToAll, make_all_to_all
+
+    assert isinstance(make_all_to_all(ParallelConfig(rank=0, world_size=8, gpus_per_domain=8), 4), FlatAllToAll)
+    assert isinstance(make_all_to_all(ParallelConfig(rank=0, world_size=8, gpus_per_domain=4), 4), HierarchicalAllToAll)
+    assert isinstance(make_all_to_all(ParallelConfig(rank=0, world_size=8, gpus_per_domain=4), 4, "flat"), FlatAllToAll)
