@@ -81,7 +81,7 @@ def group_environment(spec: LaunchSpec, rendezvous: str) -> EngineEnvironment:
         plan_file=os.path.abspath(spec.plan) if spec.plan else missing.format("plan.json"),
         placement_file=os.path.abspath(spec.placement) if spec.placement else missing.format("placement.json"),
         model_path=os.path.abspath(spec.model),
-        port=spec.port,
+        port=spec.port or 8000,  # the contract needs a real port; port 0 goes to rank 0 as --port 0
         device=spec.device,
     )
 

@@ -9,7 +9,8 @@ keeps a handle, never trusts mtime alone) and compares a content hash.
 Adoption is collective, at a step boundary of the serving loop:
 
 1. Every rank polls its own copy of the file (``PlacementWatcher.poll``) and
-   holds at most one candidate: the newest valid placement it has seen.
+   holds at most one candidate: what the file says now, when it is valid and
+   newer than the placement in use.
 2. All ranks all-reduce MIN over ``agreement_vector`` = [v, -v, h, -h]
    (candidate version v, 63-bit content hash h; a rank without a candidate
    puts the current version and hash 0).

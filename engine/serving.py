@@ -504,11 +504,11 @@ class StepLoop:
         if self.watcher is not None:
             self.watcher.adopted(candidate)
         if self.leader:
-            log.warning("placement version %d adopted by all %d ranks (was %d)", version, self.channel.world_size, current)
+            log.info("placement version %d adopted by all %d ranks (was %d)", version, self.channel.world_size, current)
             if self.metrics is not None:
                 self.metrics.set_placement_version(version)
             if self.on_placement is not None:
-                self.on_placement(candidate)
+                self.on_placement(self.runtime.placement)
 
     def _publish_counts(self) -> None:
         experts = np.asarray(self.runtime.expert_token_counts(), dtype=np.int64)
@@ -662,7 +662,8 @@ class _Server(ThreadingHTTPServer):
 def start_http_server(state: ServingState, host: str, port: int) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Serve the API from a background thread; ``port`` 0 picks a free port (see ``server.server_port``)."""
     server = _Server((host, port), _make_handler(state))
-    thread = threading.Thread(target=server.serve_forever, name="moeshard-http", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="moeshard-http",
+                              daemon=True)
     thread.start()
     return server, thread
 
@@ -751,7 +752,7 @@ def serve_rank(env: Any, local_rank: int, options: ServeOptions, *, stop_event: 
             state.world_size = channel.world_size
             state.set_placement(runtime.placement)
             state.ready = True
-            log.warning("all %d ranks joined; ready", channel.world_size)
+            log.info("all %d ranks joined; ready", channel.world_size)
             stopper = threading.Thread(target=_drain_on_stop, args=(loop.stop_event, state), daemon=True)
             stopper.start()
         loop.run()

@@ -66,7 +66,7 @@ def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) 
                             "adopts a new placement (default %(default)s)")
     group.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                        help="a request waiting longer gets 504 (default %(default)s)")
-    group.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="(default %(default)s)")
 
 
@@ -211,7 +211,8 @@ def run_launch(args: argparse.Namespace) -> int:
     where = f"http://{host}:{spec.port}" if spec.port else "a free port (rank 0 prints it)"
     print(f"moeshard engine launch: {spec.nproc} ranks (attention TP {spec.tp}, {spec.device}), model {env.model_path}; "
           f"rank 0 serves {where}", flush=True)
-    supervisor = GroupSupervisor(rank_commands(spec.nproc, _serving_argv(args)), child_environ(env, args.threads),
+    serve_argv = _serving_argv(args) + ["--port", str(spec.port)]
+    supervisor = GroupSupervisor(rank_commands(spec.nproc, serve_argv), child_environ(env, args.threads),
                                  grace=args.grace)
     return supervisor.run()
 

@@ -51,6 +51,7 @@ class FakeRuntime:
     def __init__(self, gate: threading.Event | None = None):
         self.placement = initial_placement(LAYERS, EXPERTS, 1, EXPERTS)
         self.gate = gate
+        self.entered = threading.Event()  # set when generate starts
         self.calls: list[tuple[list[list[int]], list[int], int | None]] = []
         self.counts = np.zeros((LAYERS, EXPERTS), dtype=np.int64)
         self.applied: list[int] = []
@@ -60,6 +61,7 @@ class FakeRuntime:
         return self.placement.version
 
     def generate(self, prompts, max_new_tokens, eos_token_id=None):
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(timeout=10)
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
@@ -319,8 +321,7 @@ def test_requests_that_arrive_together_share_a_step():
     try:
         with ThreadPoolExecutor(4) as pool:
             first = pool.submit(server.request, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})
-            while not server.queue.empty():  # the first request is inside generate, blocked on the gate
-                time.sleep(0.01)
+            assert server.runtime.entered.wait(timeout=10)  # the first request is inside generate, held by the gate
             rest = [pool.submit(server.request, "POST", "/v1/completions", {"prompt": [[i], [i + 1]], "max_tokens": 3})
                     for i in (10, 20, 30)]
             while server.queue._queue.qsize() < 3:
