@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 
 from moeshard.kernels.launch_config import LaunchConfig, select_launch_config
-from moeshard.kernels.moe_align import AlignedRouting, moe_align_block_size
-from moeshard.kernels.moe_combine import moe_combine
+from moeshard.kernels.moe_align import AlignedRouting, moe_align_block_size_triton
+from moeshard.kernels.moe_combine import moe_combine_triton
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -75,6 +75,7 @@ def _expert_gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # 1. Tile coordinates, GROUP_M slot-blocks side by side so that weight
     #    tiles are reused from L2.
@@ -107,8 +108,8 @@ def _expert_gate_up_kernel(
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         bg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         bu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_gate = tl.dot(a, bg, acc_gate)
-        acc_up = tl.dot(a, bu, acc_up)
+        acc_gate = tl.dot(a, bg, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(a, bu, acc_up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
@@ -141,6 +142,7 @@ def _expert_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -167,7 +169,7 @@ def _expert_down_kernel(
         b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + (kb * BLOCK_K + offs_k[:, None])
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if MUL_WEIGHT:
         w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
@@ -241,6 +243,12 @@ def expert_ffn_launch_config(
     return select_launch_config(num_pairs, num_experts, intermediate, device_name(torch.device(device)))
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs: full-precision products (tl.dot's default rounds them to
+    # TF32 on GPUs, ~1e-3 relative error, and float32 callers asked for more).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _gate_up(x, w_gate_up, routing: AlignedRouting, top_k: int, inter: int, config: LaunchConfig) -> torch.Tensor:
     p_max = routing.sorted_pair_ids.numel()
     act = torch.empty((p_max, inter), dtype=x.dtype, device=x.device)
@@ -266,6 +274,7 @@ def _gate_up(x, w_gate_up, routing: AlignedRouting, top_k: int, inter: int, conf
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
+        DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -302,6 +311,7 @@ def _down(act, w_down, weights, routing: AlignedRouting, apply_weights: bool, co
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
+        DOT_PRECISION=_dot_precision(act.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -319,25 +329,22 @@ def fused_expert_ffn_triton(
     config: LaunchConfig | None = None,
     num_live_pairs: int | None = None,
 ) -> torch.Tensor:
-    """Triton path of :func:`fused_expert_ffn` (same arguments)."""
+    """Launcher of the Triton path of :func:`fused_expert_ffn` (same arguments)."""
     t, k, e, h, i = check_expert_ffn_inputs(x, topk_ids, topk_weights, w_gate_up, w_down)
-    out = torch.zeros((t, h), dtype=x.dtype, device=x.device)
-    if t == 0 or h == 0:
-        return out
+    if num_live_pairs is not None and not 0 <= num_live_pairs <= t * k:
+        raise ValueError(f"num_live_pairs must be in [0, T*K = {t * k}], got {num_live_pairs}")
+    if t == 0 or h == 0 or i == 0:
+        return torch.zeros((t, h), dtype=x.dtype, device=x.device)
     if config is None:
-        pairs = t * k if num_live_pairs is None else num_live_pairs
-        _, config = expert_ffn_launch_config(pairs, e, i, x.device)
+        _, config = expert_ffn_launch_config(t * k if num_live_pairs is None else num_live_pairs, e, i, x.device)
     # Kernels index with unit inner strides.
     x, w_gate_up, w_down = (a if a.stride(-1) == 1 else a.contiguous() for a in (x, w_gate_up, w_down))
-    if i == 0:
-        return out
-    weights = topk_weights.contiguous().reshape(-1)
-    routing = moe_align_block_size(topk_ids, e, config.block_m)
+    routing = moe_align_block_size_triton(topk_ids, e, config.block_m)
     act = _gate_up(x, w_gate_up, routing, k, i, config)
-    y = _down(act, w_down, weights, routing, apply_weights, config)
-    # Weights already applied in the down GEMM: combine sums with unit weights.
-    y = y.view(t, k, h)
-    return moe_combine(y, topk_ids, topk_weights, num_experts=e, apply_weights=False).to(x.dtype)
+    y = _down(act, w_down, topk_weights.contiguous().reshape(-1), routing, apply_weights, config)
+    # Routing weights were applied in the down GEMM: combine sums with unit weights.
+    out = moe_combine_triton(y.view(t, k, h), topk_ids, topk_weights, num_experts=e, apply_weights=False)
+    return out.to(x.dtype)
 
 
 # --------------------------------------------------------------------------- torch twin

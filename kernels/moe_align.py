@@ -187,9 +187,14 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     Returns an :class:`AlignedRouting` whose tensors live on ``topk_ids.device``.
     Runs the Triton kernels when :func:`triton_requested`, else the twin.
     """
+    if triton_requested(topk_ids):
+        return moe_align_block_size_triton(topk_ids, num_experts, block_m)
+    return moe_align_block_size_torch(topk_ids, num_experts, block_m)
+
+
+def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:
+    """Launcher: validates, then steps 1-4 of the module docstring without a host sync."""
     _check_align_inputs(topk_ids, num_experts, block_m)
-    if not triton_requested(topk_ids):
-        return moe_align_block_size_torch(topk_ids, num_experts, block_m)
     device = topk_ids.device
     flat = topk_ids.reshape(-1).contiguous()
     num_pairs = flat.numel()

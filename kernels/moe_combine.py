@@ -112,9 +112,21 @@ def moe_combine(
     (ids outside [0, num_experts) are masked); topk_weights [T, K] float.
     Returns [T, H] in y's dtype, accumulated in float32.
     """
+    if triton_requested(y):
+        return moe_combine_triton(y, topk_ids, topk_weights, num_experts=num_experts, apply_weights=apply_weights)
+    return moe_combine_torch(y, topk_ids, topk_weights, num_experts=num_experts, apply_weights=apply_weights)
+
+
+def moe_combine_triton(
+    y: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    num_experts: int,
+    apply_weights: bool = True,
+) -> torch.Tensor:
+    """Launcher of :func:`moe_combine`'s Triton kernel: validates, one program per (token, column block)."""
     _check_combine_inputs(y, topk_ids, topk_weights, num_experts)
-    if not triton_requested(y):
-        return moe_combine_torch(y, topk_ids, topk_weights, num_experts=num_experts, apply_weights=apply_weights)
     t, k, h = y.shape
     out = torch.empty((t, h), dtype=y.dtype, device=y.device)
     if t == 0 or h == 0:

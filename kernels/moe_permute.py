@@ -126,15 +126,11 @@ def moe_permute(x: torch.Tensor, routing: AlignedRouting, top_k: int) -> torch.T
 
     x [T, H]; routing from ``moe_align_block_size(topk_ids [T, K], E, BM)``.
     Returns [P_max, H]: slot p holds x[sorted_pair_ids[p] // K], zeros in padding.
+    Runs the Triton kernel when :func:`triton_requested`, else the twin.
     """
-    _check_top_k(x, routing, top_k)
-    _check(x, routing, "x", x.shape[0])
-    if not triton_requested(x):
-        return moe_permute_torch(x, routing, top_k)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty((routing.sorted_pair_ids.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
-    _launch(x, out, routing, top_k, unpermute=False)
-    return out
+    if triton_requested(x):
+        return moe_permute_triton(x, routing, top_k)
+    return moe_permute_torch(x, routing, top_k)
 
 
 def moe_unpermute(y: torch.Tensor, routing: AlignedRouting) -> torch.Tensor:
@@ -144,9 +140,24 @@ def moe_unpermute(y: torch.Tensor, routing: AlignedRouting) -> torch.Tensor:
     of pair n]; rows of masked pairs are zeros. ``.view(T, K, H)`` feeds
     :func:`moeshard.kernels.moe_combine.moe_combine`.
     """
+    if triton_requested(y):
+        return moe_unpermute_triton(y, routing)
+    return moe_unpermute_torch(y, routing)
+
+
+def moe_permute_triton(x: torch.Tensor, routing: AlignedRouting, top_k: int) -> torch.Tensor:
+    """Launcher of :func:`moe_permute`'s kernel: validates, one program per 16 slots x column block."""
+    _check_top_k(x, routing, top_k)
+    _check(x, routing, "x", x.shape[0])
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty((routing.sorted_pair_ids.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
+    _launch(x, out, routing, top_k, unpermute=False)
+    return out
+
+
+def moe_unpermute_triton(y: torch.Tensor, routing: AlignedRouting) -> torch.Tensor:
+    """Launcher of :func:`moe_unpermute`'s kernel (same grid as the permute)."""
     _check(y, routing, "y", routing.sorted_pair_ids.numel())
-    if not triton_requested(y):
-        return moe_unpermute_torch(y, routing)
     y = y if y.stride(-1) == 1 else y.contiguous()
     out = torch.zeros((routing.num_pairs, y.shape[1]), dtype=y.dtype, device=y.device)
     _launch(y, out, routing, 1, unpermute=True)

@@ -192,3 +192,17 @@ def test_triton_many_pairs_wider_tiles(force_triton, device):
     # 140 pairs span two alignment chunks; 32-wide tiles with several K steps.
     config = LaunchConfig(block_m=32, block_n=32, block_k=32, group_m=4)
     triton_vs_twin(make_moe_inputs(70, 2, 6, 80, 72, dtype=torch.float16, seed=18), device, config)
+
+
+def test_triton_launcher_runs_without_the_env_switch(twin_only, device, tiny_config):
+    from moeshard.kernels.fused_moe import fused_expert_ffn_triton
+
+    inputs = make_moe_inputs(5, 2, 3, 16, 16, seed=19)
+    out = fused_expert_ffn_triton(*(a.to(device) for a in inputs), config=tiny_config)
+    torch.testing.assert_close(out.cpu(), fused_expert_ffn_torch(*inputs), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("hint", [-1, 11])
+def test_live_pair_hint_is_checked(force_triton, hint):
+    with pytest.raises(ValueError, match=r"num_live_pairs must be in \[0, T\*K = 10\]"):
+        fused_expert_ffn(*make_moe_inputs(5, 2, 3, 16, 16), num_live_pairs=hint)

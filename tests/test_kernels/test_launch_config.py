@@ -96,13 +96,13 @@ def test_every_bucket_runs_through_table_lookup(force_triton, device, monkeypatc
     write_config_table(tmp_path / config_file_name(e, i, dev_name), _table())
     monkeypatch.setenv(CONFIG_DIR_ENV, str(tmp_path))
     used_block_m = []
-    real_align = fused_moe.moe_align_block_size
+    real_align = fused_moe.moe_align_block_size_triton
 
     def spy(topk_ids, num_experts, block_m):
         used_block_m.append(block_m)
         return real_align(topk_ids, num_experts, block_m)
 
-    monkeypatch.setattr(fused_moe, "moe_align_block_size", spy)
+    monkeypatch.setattr(fused_moe, "moe_align_block_size_triton", spy)
     expected = {"small": 16, "medium": 32, "large": 64}
     # T*K/E = 2, 4, 10 tokens per expert -> small, medium, large.
     for t, bucket in ((3, "small"), (6, "medium"), (15, "large")):
