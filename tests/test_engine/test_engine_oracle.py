@@ -47,12 +47,23 @@ def _shifted(placement):
     return placement_from_arrays(placement.version + 1, placement.num_gpus, s, placement.num_experts, row, w)
 
 
+def _placements(ep: int):
+    replicated = replicated_placement(LAYERS, EXPERTS, ep, 1)
+    return replicated, _shifted(replicated)
+
+
+@functools.lru_cache(maxsize=None)
+def _world(model_dir: str, ep: int, tp: int, gpus_per_domain: int) -> list[dict]:
+    """One spawned world per layout; cached so that cross-layout checks reuse it."""
+    replicated, shifted = _placements(ep)
+    env = local_env(model_dir, ep, tp=tp, gpus_per_domain=gpus_per_domain)
+    return run_world(env, oracle_task, PROMPTS, MAX_NEW, [replicated.to_json(), shifted.to_json()], PROBE)
+
+
 def _run_and_check(tiny_checkpoint, arch: str, ep: int, tp: int, gpus_per_domain: int = 8) -> None:
     model_dir = tiny_checkpoint(arch)
-    replicated = replicated_placement(LAYERS, EXPERTS, ep, 1)
-    shifted = _shifted(replicated)
-    env = local_env(model_dir, ep, tp=tp, gpus_per_domain=gpus_per_domain)
-    results = run_world(env, oracle_task, PROMPTS, MAX_NEW, [replicated.to_json(), shifted.to_json()], PROBE)
+    replicated, shifted = _placements(ep)
+    results = _world(str(model_dir), ep, tp, gpus_per_domain)
     ref_logits, ref_generated = _reference(str(model_dir))
     k = TOP_K[arch]
 
@@ -114,3 +125,14 @@ MATRIX = [("mixtral", ep, tp) for ep, tp in ((1, 1), (2, 2), (4, 1), (4, 2))]
 @pytest.mark.parametrize("arch,ep,tp", MATRIX)
 def test_oracle_matrix(tiny_checkpoint, arch, ep, tp):
     _run_and_check(tiny_checkpoint, arch, ep, tp)
+
+
+@pytest.mark.slow
+def test_replica_choice_does_not_depend_on_the_attention_layout(tiny_checkpoint):
+    """EP 4 with TP 1 and TP 2 (same placements, replicas with uneven shares): tokens are keyed by their
+    index in the step's batch, so every (token, expert) pair picks the same replica and each rank
+    receives the same rows, whichever rank the token started on."""
+    model_dir = str(tiny_checkpoint("mixtral"))
+    tp1, tp2 = _world(model_dir, 4, 1, 8), _world(model_dir, 4, 2, 8)
+    np.testing.assert_array_equal(sum(r["rank_tokens"] for r in tp1), sum(r["rank_tokens"] for r in tp2))
+    np.testing.assert_array_equal(sum(r["expert_tokens"] for r in tp1), sum(r["expert_tokens"] for r in tp2))
