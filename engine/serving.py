@@ -279,8 +279,12 @@ class RequestQueue:
     def empty(self) -> bool:
         return self._held is None and self._queue.empty()
 
-    def take_batch(self, max_prompts: int, wait: float) -> list[PendingRequest]:
-        """Whole requests in arrival order, at most ``max_prompts`` prompts; waits up to ``wait`` s for the first."""
+    def take_batch(self, max_prompts: int, wait: float, window: float = 0.0) -> list[PendingRequest]:
+        """Whole requests in arrival order, at most ``max_prompts`` prompts.
+
+        Waits up to ``wait`` s for the first request, then up to ``window`` s
+        more for others (requests a client sent together arrive a few ms apart).
+        """
         batch: list[PendingRequest] = []
         prompts = 0
         if self._held is None:
@@ -288,6 +292,22 @@ class RequestQueue:
                 self._held = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 return batch
+        deadline = time.monotonic() + window
+        while self._held is not None:
+            size = len(self._held.request.prompts)
+            if batch and prompts + size > max_prompts:
+                break
+            batch.append(self._held)
+            prompts += size
+            self._held = None
+            if prompts >= max_prompts:
+                break
+            remaining = deadline - time.monotonic()
+            try:
+                self._held = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                pass
+        return batch
         while self._held is not None:
             size = len(self._held.request.prompts)
             if batch and prompts + size > max_prompts:
@@ -426,11 +446,12 @@ class StepLoop:
         metrics: EngineMetrics | None = None,
         queue: RequestQueue | None = None,
         idle_interval: float = 0.5,
+        batch_window: float = 0.0,
         on_placement: Any = None,
     ):
         self.runtime, self.channel, self.limits = runtime, channel, limits
         self.watcher, self.metrics, self.queue = watcher, metrics, queue
-        self.idle_interval = idle_interval
+        self.idle_interval, self.batch_window = idle_interval, batch_window
         self.on_placement = on_placement  # called on the leader with the adopted placement
         self.stop_event = threading.Event()
         self.steps = 0
@@ -451,7 +472,8 @@ class StepLoop:
             command: StepCommand | None = None
             if self.leader:
                 assert self.queue is not None
-                batch = self.queue.take_batch(self.limits.max_batch_prompts, wait=self.idle_interval)
+                batch = self.queue.take_batch(self.limits.max_batch_prompts, wait=self.idle_interval,
+                                              window=self.batch_window)
                 if batch:
                     command = StepCommand.for_batch(batch, self.limits)
                 elif self.stop_event.is_set() and self.queue.empty():
@@ -613,29 +635,32 @@ def _make_handler(state: ServingState) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802 - stdlib name
             path = self.path.split("?", 1)[0]
             try:
-                body = self._read_json()
+                raw = self._read_body()  # always consumed, so the connection stays usable
                 if path != "/v1/completions":
                     raise RequestError(None, f"no route {path}", HTTPStatus.NOT_FOUND)
+                try:
+                    body = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise RequestError(None, f"the body is not valid JSON: {exc}") from None
                 self._json(200, self._complete(body))
             except RequestError as error:
                 self._error(error)
 
-        def _read_json(self) -> Any:
+        def _read_body(self) -> bytes:
             length_header = self.headers.get("Content-Length")
             if length_header is None:
+                self.close_connection = True
                 raise RequestError(None, "Content-Length is required", HTTPStatus.LENGTH_REQUIRED)
             try:
                 length = int(length_header)
             except ValueError:
-                raise RequestError(None, "Content-Length must be an integer") from None
-            if length > MAX_BODY_BYTES:
                 self.close_connection = True
-                raise RequestError(None, f"body of {length} bytes exceeds {MAX_BODY_BYTES}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-            raw = self.rfile.read(length)
-            try:
-                return json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise RequestError(None, f"the body is not valid JSON: {exc}") from None
+                raise RequestError(None, "Content-Length must be an integer") from None
+            if length > MAX_BODY_BYTES or length < 0:
+                self.close_connection = True
+                raise RequestError(None, f"body of {length} bytes is outside 0..{MAX_BODY_BYTES}",
+                                   HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            return self.rfile.read(length)
 
         def _complete(self, body: Any) -> dict[str, Any]:
             if state.failed:
@@ -678,13 +703,24 @@ class ServeOptions:
     host: str = "0.0.0.0"
     port: int | None = None  # None: the environment's MOESHARD_PORT
     max_batch_prompts: int = 32
-    max_model_len: int = 4096
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     default_max_tokens: int = 16
     idle_interval: float = 0.5
+    batch_window: float = 0.005
     placement_poll: float = 1.0
     request_timeout: float = 600.0
     model_name: str | None = None
     threads: int | None = None
+
+
+def model_max_len(model_path: str, default: int = 4096) -> int:
+    """``max_position_embeddings`` of the checkpoint's config.json (``default`` when absent)."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as handle:
+            value = json.load(handle).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return default
+    return int(value) if isinstance(value, int) and value > 0 else default
 
 
 def limits_from_runtime(runtime: Any, options: ServeOptions, model_path: str) -> ServingLimits:
@@ -696,7 +732,7 @@ def limits_from_runtime(runtime: Any, options: ServeOptions, model_path: str) ->
         vocab_size=int(config.vocab_size),
         eos_token_ids=eos_ids,
         max_batch_prompts=options.max_batch_prompts,
-        max_model_len=options.max_model_len,
+        max_model_len=options.max_model_len or model_max_len(model_path),
         default_max_tokens=options.default_max_tokens,
         tokenizer=getattr(runtime, "tokenizer_or_none", None),
         model_name=options.model_name or os.path.basename(os.path.normpath(model_path)) or "moeshard",
@@ -744,7 +780,8 @@ def serve_rank(env: Any, local_rank: int, options: ServeOptions, *, stop_event: 
             log_level=logging.WARNING if rank == 0 else logging.DEBUG,
         )
         loop = StepLoop(runtime, channel, limits=limits, watcher=watcher, metrics=metrics, queue=queue_,
-                        idle_interval=options.idle_interval, on_placement=state.set_placement)
+                        idle_interval=options.idle_interval, batch_window=options.batch_window,
+                        on_placement=state.set_placement)
         if stop_event is not None and rank == 0:
             loop.stop_event = stop_event
         if rank == 0:

@@ -53,8 +53,8 @@ def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) 
     group.add_argument("--host", default=host_default, help="address rank 0's HTTP server binds (default %(default)s)")
     group.add_argument("--max-batch", type=int, default=32, metavar="N",
                        help="most prompts in one engine step; requests that arrive together share a step (default %(default)s)")
-    group.add_argument("--max-model-len", type=int, default=4096, metavar="TOKENS",
-                       help="longest prompt + max_tokens accepted (default %(default)s)")
+    group.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                       help="longest prompt + max_tokens accepted (default: max_position_embeddings of config.json)")
     group.add_argument("--default-max-tokens", type=int, default=16, metavar="N",
                        help="max_tokens of a request that does not say (default %(default)s)")
     group.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -64,6 +64,8 @@ def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) 
     group.add_argument("--idle-interval", type=float, default=0.5, metavar="SECONDS",
                        help="with no requests, rank 0 still starts a step this often, so an idle group "
                             "adopts a new placement (default %(default)s)")
+    group.add_argument("--batch-window", type=float, default=0.005, metavar="SECONDS",
+                       help="after the first request of a step, wait this long for others to join it (default %(default)s)")
     group.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                        help="a request waiting longer gets 504 (default %(default)s)")
     group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -72,12 +74,15 @@ def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) 
 
 def _serving_argv(args: argparse.Namespace) -> list[str]:
     """The serving options of ``args`` as command-line flags for child ranks."""
-    argv = ["--host", args.host, "--max-batch", str(args.max_batch), "--max-model-len", str(args.max_model_len),
+    argv = ["--host", args.host, "--max-batch", str(args.max_batch),
             "--default-max-tokens", str(args.default_max_tokens), "--placement-poll", str(args.placement_poll),
-            "--idle-interval", str(args.idle_interval), "--request-timeout", str(args.request_timeout),
+            "--idle-interval", str(args.idle_interval), "--batch-window", str(args.batch_window),
+            "--request-timeout", str(args.request_timeout),
             "--log-level", args.log_level]
     if args.served_model_name:
         argv += ["--served-model-name", args.served_model_name]
+    if args.max_model_len:
+        argv += ["--max-model-len", str(args.max_model_len)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     return argv
@@ -103,14 +108,16 @@ def _serve_options(args: argparse.Namespace):
     from .serving import ServeOptions
 
     for name in ("max_batch", "max_model_len", "default_max_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("placement_poll", "idle_interval", "request_timeout"):
         if getattr(args, name) <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be > 0")
+    if args.batch_window < 0:
+        raise CommandError("--batch-window must be >= 0")
     return ServeOptions(
         host=args.host, port=args.port, max_batch_prompts=args.max_batch, max_model_len=args.max_model_len,
-        default_max_tokens=args.default_max_tokens, idle_interval=args.idle_interval,
+        default_max_tokens=args.default_max_tokens, idle_interval=args.idle_interval, batch_window=args.batch_window,
         placement_poll=args.placement_poll, request_timeout=args.request_timeout,
         model_name=args.served_model_name, threads=args.threads,
     )

@@ -187,6 +187,24 @@ def test_queue_batches_whole_requests_in_order():
     assert q.empty() and q.take_batch(6, wait=0) == []
 
 
+def test_a_batch_window_gathers_requests_sent_together():
+    q = RequestQueue()
+    request = CompletionRequest(((1,),), 1, frozenset(), (), False)
+    q.submit(request)
+    taken = []
+    worker = threading.Thread(target=lambda: taken.extend(q.take_batch(max_prompts=4, wait=1.0, window=5.0)))
+    worker.start()
+    time.sleep(0.2)  # the worker holds the first request and waits inside its window
+    q.submit(request)
+    q.submit(request)
+    q.submit(request)  # the fourth prompt fills the batch: no need to wait out the window
+    worker.join(timeout=10)
+    assert not worker.is_alive() and len(taken) == 4
+    q.submit(request)
+    q.submit(request)
+    assert len(q.take_batch(max_prompts=4, wait=0)) == 2  # no window: what is queued now
+
+
 def test_batch_eos_only_when_every_request_stops_there():
     q = RequestQueue()
     stops = parse_completion_request({"prompt": [1]}, LIMITS)

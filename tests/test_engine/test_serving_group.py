@@ -202,6 +202,8 @@ def test_completions_equal_the_model_and_metrics_count_tokens_times_top_k(group)
 def test_bad_request_gets_a_json_error_and_the_group_keeps_serving(group):
     status, raw = http(group["url"] + "/v1/completions", {"prompt": [1, 128]})
     assert status == 400 and json.loads(raw)["error"]["param"] == "prompt[1]"
+    status, raw = http(group["url"] + "/v1/completions", {"prompt": [1, 2], "max_tokens": 255})  # > 256 positions
+    assert status == 400 and json.loads(raw)["error"]["param"] == "max_tokens"
     status, raw = complete(group["url"], PROMPTS[3])
     assert status == 200 and json.loads(raw)["choices"][0]["token_ids"] == group["reference"][3]
 
