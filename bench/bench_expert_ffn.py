@@ -141,29 +141,34 @@ def grouped_mm_note(device: torch.device, dtype: torch.dtype, hidden: int, inter
 # --------------------------------------------------------------------------- timing
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_alternating(fns: dict, args: tuple, device, rounds: int, min_round_s: float) -> dict[str, list[float]]:
-    """Seconds per call for each subject: warm up, then rounds in turn (ABCABC...)."""
+    """Seconds per call for each subject, subjects alternated within every round (ABCABC...).
+
+    CPU: wall clock over enough calls to fill ``min_round_s``. CUDA:
+    ``triton.testing.do_bench`` per round (CUDA events, L2 flushed before
+    every call, median of the round), as PERF.md asks.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        samples = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                ms = triton.testing.do_bench(lambda: fn(*args), warmup=5, rep=20, return_mode="median")
+                samples[name].append(ms / 1e3)
+        return samples
     reps = {}
     for name, fn in fns.items():  # warm-up and calls-per-round calibration
         fn(*args)
-        _sync(device)
         start = time.perf_counter()
         fn(*args)
-        _sync(device)
         reps[name] = max(1, int(min_round_s / max(time.perf_counter() - start, 1e-6)))
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            _sync(device)
             start = time.perf_counter()
             for _ in range(reps[name]):
                 fn(*args)
-            _sync(device)
             samples[name].append((time.perf_counter() - start) / reps[name])
     return samples
 

@@ -180,9 +180,7 @@ def _table_for(directories: tuple[str, ...], file_name: str) -> BucketTable:
     for directory in directories:
         candidate = Path(directory) / file_name
         if candidate.is_file():
-            raw = json.loads(candidate.read_text())
-            raw.pop("meta", None)
-            return BucketTable.from_dict(raw, where=str(candidate))
+            return load_config_table(candidate)
     return DEFAULT_TABLE
 
 

@@ -74,3 +74,17 @@ def test_tuner_grid_fits_each_bucket():
         assert grid and len(set(grid)) == len(grid)
     assert all(c.block_m <= 32 for c in tuner.candidate_configs("small"))
     assert any(c.split_k > 1 for c in tuner.candidate_configs("small"))
+
+
+def test_roofline_formulas_give_perf_md_crossover():
+    """PERF.md: Qwen3 (H 4096, I 1536, bf16) turns compute-bound near 240 tokens per expert on H200."""
+    bench = _load("bench_expert_ffn")
+    peak, bandwidth = 989e12, 4.8e12
+
+    def compute_bound(m):
+        flops = bench.gemm_flops(m, 4096, 1536)
+        return flops / peak >= bench.gemm_bytes(m, 1, 4096, 1536, 2) / bandwidth
+
+    crossover = next(m for m in range(1, 2000) if compute_bound(m))
+    assert 230 <= crossover <= 250
+    assert bench.roofline(2e12, 1e9, 1e12, 1e12) == 2.0
