@@ -100,3 +100,27 @@ def test_permute_rejects_mismatched_sizes(force_triton):
         moe_permute(torch.zeros(5, 16), routing, 2)
     with pytest.raises(ValueError, match=r"y must be \[53, H\].*\(8, 16\)"):
         moe_unpermute(torch.zeros(8, 16), routing)
+
+
+def test_unfused_pipeline_equals_fused_ffn(force_triton, device):
+    """align -> permute -> per-expert FFN on padded segments -> unpermute -> combine == fused FFN."""
+    import torch.nn.functional as F
+
+    from moeshard.kernels.fused_moe import fused_expert_ffn_torch
+    from moeshard.kernels.moe_align import moe_align_block_size
+    from support.moe_reference import make_moe_inputs
+
+    t, k, e, h, i = 10, 2, 3, 24, 16
+    x, ids, w, wgu, wd = make_moe_inputs(t, k, e, h, i, seed=21)
+    ids[3, 0] = -1
+    routing = moe_align_block_size(ids.to(device), e, 8)
+    slots = moe_permute(x.to(device), routing, k).cpu()  # [P_max, H], expert segments padded to 8
+    offsets = routing.expert_offsets.cpu().tolist()
+    y = torch.zeros(slots.shape[0], h)
+    for expert in range(e):
+        seg = slice(offsets[expert], offsets[expert + 1])
+        gate_up = slots[seg] @ wgu[expert].T
+        y[seg] = (F.silu(gate_up[:, :i]) * gate_up[:, i:]) @ wd[expert].T
+    pairs = moe_unpermute(y.to(device), routing)
+    out = moe_combine(pairs.view(t, k, h), ids.to(device), w.to(device), num_experts=e)
+    torch.testing.assert_close(out.cpu(), fused_expert_ffn_torch(x, ids, w, wgu, wd), atol=1e-5, rtol=1e-5)
