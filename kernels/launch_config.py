@@ -129,11 +129,11 @@ class BucketTable:
         )
 
 
-# Built-in defaults for bf16 on Hopper-class GPUs, untuned: vLLM's default
-# heuristic uses BLOCK_M 16 when tokens per expert are few and 64 otherwise;
-# "large" follows its H100 tuned files for big M (128x128x64, 8 warps). Our
-# gate/up kernel keeps two accumulators (gate and up) per tile, so block_n 64
-# in medium costs the registers of vLLM's 128.
+# Built-in defaults for bf16 on Hopper-class GPUs, untuned guesses until
+# bench/tune_expert_ffn.py has run on one: small tiles along M for decode
+# (like vLLM's default of BLOCK_M 16 when tokens are few), 64 and 128 rows for
+# medium and large payloads. The gate/up kernel keeps two accumulators (gate
+# and up) per tile, so block_n 64 costs the registers of a 128-wide tile.
 DEFAULT_TABLE = BucketTable(
     small_max_tokens_per_expert=32,
     medium_max_tokens_per_expert=256,
