@@ -372,12 +372,13 @@ def grouped_mm_supported(x: torch.Tensor, hidden: int, inter: int) -> bool:
     )
 
 
-# Rows of work per twin step: gate/up and down outputs of one run of experts
-# stay cache-sized. Measured on 2 CPU cores, bf16, 1 thread (Qwen3 EP8 at H/8,
-# 2,048 tokens per expert): all rows in one step 256 ms, runs of <= 2,048 rows
-# 157 ms, per-expert eager loop 164 ms; at 64 tokens per expert the run form
-# stays at 3.3 ms vs 4.6 ms for the eager loop. The budget is in elements of
-# one row's H + 2I outputs so that full-size layers get proportionally fewer rows.
+# Rows of work per twin step on CPU, so that one run's gate/up and down outputs
+# stay cache-sized. Measured on the shared 2-core box, bf16, one thread, 2,048
+# tokens per expert (bench/README.md "Expert FFN kernels", with and without
+# --twin-run-elements 1000000000): speed vs an eager per-expert loop
+# 0.69-0.83x with all rows in one step, 1.04-1.10x in runs of this size. The
+# budget counts elements of a row's H + 2I outputs (2,048 rows at Qwen3's H/8
+# widths), so full-width layers get proportionally fewer rows.
 TWIN_RUN_ELEMENTS = 2048 * (512 + 2 * 192)
 
 
