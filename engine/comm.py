@@ -12,10 +12,12 @@ compute (moeshard.engine.moe). Two implementations:
   as dispatch.
 * :class:`HierarchicalAllToAll`: when the group spans several NVLink domains
   (consecutive blocks of M ranks). A token crosses the fabric once per remote
-  domain it needs, to the peer rank with the same local index there, which
-  fans it out over NVLink to the ranks of its domain (again deduplicated).
-  Combine runs the two stages backwards and the forwarding rank sums its
-  domain's partial results before sending one row back across the fabric.
+  domain it needs, to the peer rank with the same local index there (an
+  all-to-all over the *rail* group of those peers), which fans it out over
+  NVLink to the ranks of its domain (an all-to-all over the *domain* group,
+  again deduplicated). Combine runs the two stages backwards and the
+  forwarding rank sums its domain's partial results before sending one row
+  back across the fabric.
 
 Byte accounting: every row of activations that leaves a rank is counted, by
 link class (``intra_domain`` when source and destination share an NVLink
@@ -56,23 +58,31 @@ class CommStats:
 
 @dataclass
 class _Exchange:
-    """One uneven all-to-all of rows: what the reverse direction needs."""
+    """One uneven all-to-all of rows over a group: what the reverse direction needs."""
 
-    send_counts: list[int]  # [W] rows sent to each rank
-    recv_counts: list[int]  # [W] rows received from each rank
+    send_counts: list[int]  # [G] rows sent to each group member
+    recv_counts: list[int]  # [G] rows received from each group member
+    group: object = None  # None = the whole EP group
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return _all_to_all_rows(t, self.send_counts, self.recv_counts, self.group)
+
+    def backward(self, t: torch.Tensor) -> torch.Tensor:
+        return _all_to_all_rows(t, self.recv_counts, self.send_counts, self.group)
 
 
-def _exchange_counts(send_counts: torch.Tensor) -> list[int]:
-    """All-to-all of per-destination row counts [W] -> per-source counts [W]."""
+def _exchange_counts(send_counts: torch.Tensor, group=None) -> list[int]:
+    """All-to-all of per-destination row counts [G] -> per-source counts [G] (G = group size)."""
     recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts)
+    dist.all_to_all_single(recv, send_counts, group=group)
     return recv.tolist()
 
 
-def _all_to_all_rows(t: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+def _all_to_all_rows(t: torch.Tensor, send_counts: list[int], recv_counts: list[int], group=None) -> torch.Tensor:
     """Rows of ``t`` [sum(send_counts), ...] grouped by destination -> received rows grouped by source."""
     out = t.new_empty((sum(recv_counts), *t.shape[1:]))
-    dist.all_to_all_single(out, t.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts)
+    dist.all_to_all_single(out, t.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                           group=group)
     return out
 
 
@@ -117,10 +127,11 @@ class AllToAll(ABC):
     def link_class(self, src: int, dst: int) -> str:
         return "intra_domain" if self.parallel.domain_of(src) == self.parallel.domain_of(dst) else "inter_domain"
 
-    def _count(self, counts: list[int], row_bytes: int) -> None:
-        """Count ``counts[r]`` rows of ``row_bytes`` sent from this rank to rank r, by link class."""
+    def _count(self, counts: list[int], row_bytes: int, ranks: list[int] | None = None) -> None:
+        """Count ``counts[j]`` rows of ``row_bytes`` sent from this rank to rank ``ranks[j]`` (default j), by link."""
         me = self.parallel.rank
-        for r, n in enumerate(counts):
+        for j, n in enumerate(counts):
+            r = j if ranks is None else ranks[j]
             if n and r != me:
                 self.stats.link_bytes[self.link_class(me, r)] += n * row_bytes
 
@@ -149,9 +160,9 @@ class FlatAllToAll(AllToAll):
         send_counts = counts.tolist()
         recv_counts = _exchange_counts(counts)
         ex = _Exchange(send_counts, recv_counts)
-        recv_x = _all_to_all_rows(x[row_token], send_counts, recv_counts)
-        recv_slot = _all_to_all_rows(_row_pairs(local_slot, dest_rank, row_token, row_rank, -1), send_counts, recv_counts)
-        recv_w = _all_to_all_rows(_row_pairs(weights, dest_rank, row_token, row_rank, 0.0), send_counts, recv_counts)
+        recv_x = ex.forward(x[row_token])
+        recv_slot = ex.forward(_row_pairs(local_slot, dest_rank, row_token, row_rank, -1))
+        recv_w = ex.forward(_row_pairs(weights, dest_rank, row_token, row_rank, 0.0))
         row_bytes = x.shape[1] * x.element_size()
         self._count(send_counts, row_bytes)
         for r, n in enumerate(send_counts):
@@ -160,7 +171,7 @@ class FlatAllToAll(AllToAll):
 
     def combine(self, y, handle: _FlatHandle):
         ex = handle.exchange
-        back = _all_to_all_rows(y, ex.recv_counts, ex.send_counts)
+        back = ex.backward(y)
         self._count(ex.recv_counts, y.shape[1] * y.element_size())
         out = torch.zeros((handle.num_tokens, y.shape[1]), dtype=torch.float32, device=y.device)
         out.index_add_(0, handle.row_token, back.float())
@@ -180,36 +191,48 @@ class _HierHandle:
 class HierarchicalAllToAll(AllToAll):
     """Two-stage dispatch: across the fabric once per remote domain, then inside the domain.
 
-    Stage 1 (inter_domain): token t goes to rank ``d * M + (rank % M)`` for
-    every domain d holding one of its pairs (to itself for its own domain),
-    carrying the pairs of that domain as (destination rank, local slot, weight).
-    Stage 2 (intra_domain): each rank fans the rows it received out to the
-    ranks of its domain, one row per distinct destination.
+    Groups (built by :func:`build_hierarchy_groups`): the *rail* of this rank,
+    the D ranks with the same local index ``rank % M`` in every domain, and its
+    *domain*, the M consecutive ranks sharing NVLink.
+
+    Stage 1 (rail all-to-all, inter_domain): token t goes to the rail member in
+    every domain holding one of its pairs (itself for its own domain), carrying
+    the pairs of that domain as (destination local index, slot, weight).
+    Stage 2 (domain all-to-all, intra_domain): each rank fans the rows it
+    received out to the ranks of its domain, one row per distinct destination.
     """
+
+    def __init__(self, parallel: ParallelConfig, slots_per_rank: int, groups: tuple[object, object]) -> None:
+        super().__init__(parallel, slots_per_rank)
+        self.domain_group, self.rail_group = groups
+        m, d = parallel.domain_size, parallel.num_domains
+        me = parallel.rank
+        self.rail_ranks = [dom * m + me % m for dom in range(d)]  # rail member j lives in domain j
+        self.domain_ranks = [parallel.domain_of(me) * m + j for j in range(m)]
 
     def dispatch(self, x, dest_rank, local_slot, weights):
         p = self.parallel
-        w, m, me = p.world_size, p.domain_size, p.rank
+        m, d = p.domain_size, p.num_domains
         row_bytes = x.shape[1] * x.element_size()
-        # 1. Stage 1: one row per (token, domain), addressed to that domain's peer of this rank.
-        peer = torch.where(dest_rank < 0, -1, (dest_rank // m) * m + me % m)
-        row_token, row_peer, counts1 = dedup_rows(peer, w)
-        ex1 = _Exchange(counts1.tolist(), _exchange_counts(counts1))
-        keep = (dest_rank[row_token] >= 0) & (dest_rank[row_token] // m == (row_peer // m)[:, None])
-        fwd_x = _all_to_all_rows(x[row_token], ex1.send_counts, ex1.recv_counts)
-        fwd_dest = _all_to_all_rows(torch.where(keep, dest_rank[row_token], -1), ex1.send_counts, ex1.recv_counts)
-        fwd_slot = _all_to_all_rows(torch.where(keep, local_slot[row_token], -1), ex1.send_counts, ex1.recv_counts)
-        fwd_w = _all_to_all_rows(torch.where(keep, weights[row_token], 0.0), ex1.send_counts, ex1.recv_counts)
-        self._count(ex1.send_counts, row_bytes)
+        # 1. Stage 1: one row per (token, destination domain) to this rank's rail member there.
+        dest_domain = torch.where(dest_rank < 0, -1, dest_rank // m)
+        row_token, row_domain, counts1 = dedup_rows(dest_domain, d)
+        ex1 = _Exchange(counts1.tolist(), _exchange_counts(counts1, self.rail_group), self.rail_group)
+        keep = dest_domain[row_token] == row_domain[:, None]
+        fwd_x = ex1.forward(x[row_token])
+        fwd_local = ex1.forward(torch.where(keep, dest_rank[row_token] % m, -1))
+        fwd_slot = ex1.forward(torch.where(keep, local_slot[row_token], -1))
+        fwd_w = ex1.forward(torch.where(keep, weights[row_token], 0.0))
+        self._count(ex1.send_counts, row_bytes, self.rail_ranks)
         # 2. Stage 2: rows received in stage 1 fan out inside this domain, deduplicated per rank.
-        row_src, row_rank, counts2 = dedup_rows(fwd_dest, w)
-        ex2 = _Exchange(counts2.tolist(), _exchange_counts(counts2))
-        recv_x = _all_to_all_rows(fwd_x[row_src], ex2.send_counts, ex2.recv_counts)
-        recv_slot = _all_to_all_rows(_row_pairs(fwd_slot, fwd_dest, row_src, row_rank, -1), ex2.send_counts, ex2.recv_counts)
-        recv_w = _all_to_all_rows(_row_pairs(fwd_w, fwd_dest, row_src, row_rank, 0.0), ex2.send_counts, ex2.recv_counts)
-        self._count(ex2.send_counts, row_bytes)
+        row_src, row_local, counts2 = dedup_rows(fwd_local, m)
+        ex2 = _Exchange(counts2.tolist(), _exchange_counts(counts2, self.domain_group), self.domain_group)
+        recv_x = ex2.forward(fwd_x[row_src])
+        recv_slot = ex2.forward(_row_pairs(fwd_slot, fwd_local, row_src, row_local, -1))
+        recv_w = ex2.forward(_row_pairs(fwd_w, fwd_local, row_src, row_local, 0.0))
+        self._count(ex2.send_counts, row_bytes, self.domain_ranks)
         # Final destinations of this rank's own tokens (what rank_token_counts reports).
-        _, _, final_counts = dedup_rows(dest_rank, w)
+        _, _, final_counts = dedup_rows(dest_rank, p.world_size)
         for r, n in enumerate(final_counts.tolist()):
             self.stats.rank_tokens[r] += n
         handle = _HierHandle(ex1, row_token, x.shape[0], ex2, row_src, fwd_x.shape[0])
@@ -219,22 +242,45 @@ class HierarchicalAllToAll(AllToAll):
         h = y.shape[1]
         row_bytes = h * y.element_size()
         # 1. Stage 2 backwards: partial sums return to the forwarding rank, which adds them per row.
-        back2 = _all_to_all_rows(y, handle.intra.recv_counts, handle.intra.send_counts)
-        self._count(handle.intra.recv_counts, row_bytes)
+        back2 = handle.intra.backward(y)
+        self._count(handle.intra.recv_counts, row_bytes, self.domain_ranks)
         fwd = torch.zeros((handle.num_forwarded, h), dtype=torch.float32, device=y.device)
         fwd.index_add_(0, handle.intra_row_src, back2.float())
         # 2. Stage 1 backwards: one row per (token, domain) crosses the fabric home.
-        back1 = _all_to_all_rows(fwd.to(y.dtype), handle.inter.recv_counts, handle.inter.send_counts)
-        self._count(handle.inter.recv_counts, row_bytes)
+        back1 = handle.inter.backward(fwd.to(y.dtype))
+        self._count(handle.inter.recv_counts, row_bytes, self.rail_ranks)
         out = torch.zeros((handle.num_tokens, h), dtype=torch.float32, device=y.device)
         out.index_add_(0, handle.inter_row_token, back1.float())
         return out.to(y.dtype)
 
 
-def make_all_to_all(parallel: ParallelConfig, slots_per_rank: int, mode: str = "auto") -> AllToAll:
-    """``auto``: hierarchical when the group spans more than one NVLink domain, else flat."""
+def build_hierarchy_groups(parallel: ParallelConfig) -> tuple[object, object]:
+    """(domain group, rail group) of this rank. COLLECTIVE: every rank creates every group, same order."""
+    m, d = parallel.domain_size, parallel.num_domains
+    backend = "nccl" if parallel.device == "cuda" else "gloo"
+    domain_group = rail_group = None
+    for dom in range(d):
+        group = dist.new_group(ranks=list(range(dom * m, (dom + 1) * m)), backend=backend)
+        if dom == parallel.domain_of(parallel.rank):
+            domain_group = group
+    for local in range(m):
+        group = dist.new_group(ranks=[dom * m + local for dom in range(d)], backend=backend)
+        if local == parallel.rank % m:
+            rail_group = group
+    return domain_group, rail_group
+
+
+def dispatch_mode(parallel: ParallelConfig, mode: str = "auto") -> str:
+    """``flat`` or ``hierarchical``: ``auto`` is hierarchical when the group spans several NVLink domains."""
     if mode not in ("auto", "flat", "hierarchical"):
         raise ValueError(f"all-to-all mode must be auto, flat or hierarchical, got {mode!r}")
-    if mode == "hierarchical" or (mode == "auto" and parallel.hierarchical):
-        return HierarchicalAllToAll(parallel, slots_per_rank)
+    if mode == "auto":
+        return "hierarchical" if parallel.hierarchical else "flat"
+    return mode
+
+
+def make_all_to_all(parallel: ParallelConfig, slots_per_rank: int, mode: str = "auto") -> AllToAll:
+    """The dispatcher for ``dispatch_mode(parallel, mode)``. COLLECTIVE for hierarchical (builds groups)."""
+    if dispatch_mode(parallel, mode) == "hierarchical":
+        return HierarchicalAllToAll(parallel, slots_per_rank, build_hierarchy_groups(parallel))
     return FlatAllToAll(parallel, slots_per_rank)

@@ -162,12 +162,3 @@ def test_hierarchical_crosses_the_fabric_less_than_flat(two_domains):
 
 def test_moe_layer_one_domain():
     _check(*_run(2, 8), world=2, m=8)
-
-
-@pytest.mark.parametrize("bad", ["x"])
-def test_all_to_all_mode_is_checked(bad):
-    from moeshard.engine.comm import make_all_to_all
-    from moeshard.engine.config import ParallelConfig
-
-    with pytest.raises(ValueError, match="all-to-all mode"):
-        make_all_to_all(ParallelConfig(rank=0, world_size=1), 8, bad)
