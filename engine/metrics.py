@@ -4,7 +4,10 @@ The balancer reads ``moeshard_expert_tokens_total{layer, expert}`` with
 ``sum by (layer, expert) (increase(...[window]))``, so the counts here are
 GROUP totals per LOGICAL expert: after every step the ranks' deltas are summed
 (one all-reduce in the step loop) and rank 0 adds them here. A (token, expert)
-pair is counted once, whatever replica served it.
+pair is counted once, whatever replica served it. ``layer`` is the MoE layer's
+index in the placement file's ``layers`` (0..L-1), not the decoder layer id.
+Every (layer, expert) series exists from the start at 0: the balancer treats a
+missing series as partial data.
 
 Every series also carries the scope labels of ``moeshard.operator.naming``
 (deployment, namespace, replica) so one Prometheus can hold many deployments.
@@ -76,7 +79,7 @@ class EngineMetrics:
             (*_SCOPE_NAMES, "layer", "expert"), registry=self.registry,
         )
         self._rank_tokens = Counter(
-            METRIC_RANK_TOKENS, "Tokens processed by the experts of each rank of the group.",
+            METRIC_RANK_TOKENS, "Token rows dispatched to each rank's experts (one per token and destination rank), summed over the group.",
             (*_SCOPE_NAMES, "rank"), registry=self.registry,
         )
         self._latency = Histogram(
