@@ -696,6 +696,10 @@ def start_http_server(state: ServingState, host: str, port: int) -> tuple[Thread
 # --------------------------------------------------------------------------- one rank
 
 
+class ServeError(RuntimeError):
+    """A rank cannot start serving (for example the HTTP port is taken)."""
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """Serving knobs (the CLI flags of ``moeshard engine serve``)."""
@@ -757,7 +761,10 @@ def serve_rank(env: Any, local_rank: int, options: ServeOptions, *, stop_event: 
     server = None
     if rank == 0:
         port = env.port if options.port is None else options.port
-        server, _ = start_http_server(state, options.host, port)
+        try:
+            server, _ = start_http_server(state, options.host, port)
+        except OSError as exc:
+            raise ServeError(f"cannot serve HTTP on {options.host}:{port}: {exc.strerror or exc}") from None
         host = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
         print(f"moeshard engine: rank 0 serving http://{host}:{server.server_port}/v1/completions "
               f"(group of {env.expert_ep} ranks, loading {env.model_path})", flush=True)

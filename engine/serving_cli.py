@@ -139,11 +139,14 @@ def run_serve(args: argparse.Namespace) -> int:
     local_rank = args.local_rank or 0
     if not 0 <= local_rank < env.gpus_per_pod:
         raise CommandError(f"--local-rank {local_rank} outside 0..{env.gpus_per_pod - 1} ({PREFIX}GPUS_PER_POD)")
-    from .serving import serve_rank
+    from .serving import ServeError, serve_rank
 
     stop_event = threading.Event()
     _install_stop_signals(stop_event, leader=env.pod_index * env.gpus_per_pod + local_rank == 0)
-    return serve_rank(env, local_rank, options, stop_event=stop_event)
+    try:
+        return serve_rank(env, local_rank, options, stop_event=stop_event)
+    except ServeError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _install_stop_signals(stop_event: threading.Event, *, leader: bool) -> None:

@@ -144,3 +144,16 @@ def test_serve_on_a_pod_with_several_gpus_starts_its_local_ranks(monkeypatch):
     assert [c[c.index("--local-rank") + 1] for c in started["commands"]] == ["0", "1"]
     assert all("--max-batch" in c and c[c.index("--max-batch") + 1] == "7" for c in started["commands"])
     assert EngineEnvironment.from_environ(started["environ"]).pod_index == 1
+
+
+def test_serve_reports_a_taken_port_in_one_line(monkeypatch):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("MOESHARD_DEVICE", "cpu")
+        monkeypatch.setattr("moeshard.engine.serving_cli._install_stop_signals", lambda *a, **k: None)  # keep pytest's
+        with pytest.raises(CommandError, match=f"cannot serve HTTP on 127.0.0.1:{port}"):
+            run_serve(parse(configure_serve, ["--host", "127.0.0.1", "--port", str(port), "--local-rank", "0"]))
