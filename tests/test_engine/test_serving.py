@@ -394,3 +394,38 @@ def test_placement_reload_and_refusal_on_one_rank(tmp_path, caplog):
         assert server.request("POST", "/v1/completions", {"prompt": [4], "max_tokens": 2})[0] == 200
     finally:
         server.close()
+
+
+def char_level_hf_tokenizer():
+    """A real transformers fast tokenizer, built offline: one token per lowercase letter or space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}
+    vocab["<unk>"] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+
+
+def test_text_completions_with_a_transformers_tokenizer():
+    tokenizer = char_level_hf_tokenizer()
+    limits = ServingLimits(vocab_size=VOCAB, max_batch_prompts=8, max_model_len=64, tokenizer=tokenizer, model_name="fake")
+    server = OneRankServer(FakeRuntime(), limits=limits)
+    try:
+        status, raw = server.request("POST", "/v1/completions", {"prompt": ["hi", "ok"], "max_tokens": 3})
+        assert status == 200, raw
+        body = json.loads(raw)
+        for choice, text in zip(body["choices"], ["hi", "ok"]):
+            expected = expected_tokens(tokenizer.encode(text), 3)
+            assert choice["token_ids"] == expected
+            assert choice["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+        assert body["choices"][0]["text"] == "jqp"  # h i -> 9 16 15
+        assert body["usage"]["prompt_tokens"] == 4
+        status, raw = server.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3, "stop": ["qp", "x"]})
+        choice = json.loads(raw)["choices"][0]
+        assert status == 200 and choice["finish_reason"] == "stop"
+        assert choice["text"] == "j" and choice["token_ids"] == [9, 16, 15]
+    finally:
+        server.close()
