@@ -171,8 +171,9 @@ def _install_stop_signals(stop_event: threading.Event, *, leader: bool) -> None:
 
 def configure_launch(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = (LAUNCH_HELP + ". Sets the MOESHARD_* environment of a one-pod group, gloo on CPU "
-                          "(NCCL when --device cuda), and prints where rank 0 serves.")
+    parser.description = (LAUNCH_HELP + ".\nSets the MOESHARD_* environment of a one-pod group (gloo on CPU, NCCL "
+                          "with --device cuda),\nforwards Ctrl-C/SIGTERM, exits when the ranks exit, and prints where "
+                          "rank 0 serves.")
     parser.epilog = _LAUNCH_EPILOG
     parser.add_argument("--nproc", type=int, required=True, metavar="N", help="ranks in the group (= expert parallelism)")
     parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint folder (config.json + safetensors)")
