@@ -8,7 +8,9 @@ For each (architecture, EP, TP) one spawned gloo world runs, in order:
 3. the same after ``apply_placement`` of a placement with one redundant slot
    per rank (replicas with uneven shares; weights move between ranks);
 4. the same after a placement that shifts every rank's slots to the next rank
-   (every slot changes; all weights travel point to point).
+   (every slot changes; all weights travel point to point);
+5. the same after two slots trade experts (in-place update of two slots,
+   the rest untouched).
 
 Every phase is compared here with transformers (float32, eager attention):
 max abs logit error <= 1e-4, generated tokens equal ``generate``.
@@ -47,22 +49,32 @@ def _shifted(placement):
     return placement_from_arrays(placement.version + 1, placement.num_gpus, s, placement.num_experts, row, w)
 
 
+def _swapped(placement):
+    """Two slots trade experts in layer 0 (rank 0's first slot with the next rank's, or a local swap at EP 1);
+    every other slot keeps its weights in place."""
+    a, b = 0, placement.slots_per_gpu if placement.num_gpus > 1 else 1
+    row, w = placement.phy2log.copy(), placement.weights.copy()
+    row[0, [a, b]], w[0, [a, b]] = row[0, [b, a]], w[0, [b, a]]
+    return placement_from_arrays(placement.version + 1, placement.num_gpus, placement.slots_per_gpu,
+                                 placement.num_experts, row, w)
+
+
 def _placements(ep: int):
     replicated = replicated_placement(LAYERS, EXPERTS, ep, 1)
-    return replicated, _shifted(replicated)
+    shifted = _shifted(replicated)
+    return replicated, shifted, _swapped(shifted)
 
 
 @functools.lru_cache(maxsize=None)
 def _world(model_dir: str, ep: int, tp: int, gpus_per_domain: int) -> list[dict]:
     """One spawned world per layout; cached so that cross-layout checks reuse it."""
-    replicated, shifted = _placements(ep)
     env = local_env(model_dir, ep, tp=tp, gpus_per_domain=gpus_per_domain)
-    return run_world(env, oracle_task, PROMPTS, MAX_NEW, [replicated.to_json(), shifted.to_json()], PROBE)
+    return run_world(env, oracle_task, PROMPTS, MAX_NEW, [p.to_json() for p in _placements(ep)], PROBE)
 
 
 def _run_and_check(tiny_checkpoint, arch: str, ep: int, tp: int, gpus_per_domain: int = 8) -> None:
     model_dir = tiny_checkpoint(arch)
-    replicated, shifted = _placements(ep)
+    replicated, shifted, swapped = _placements(ep)
     results = _world(str(model_dir), ep, tp, gpus_per_domain)
     ref_logits, ref_generated = _reference(str(model_dir))
     k = TOP_K[arch]
@@ -81,13 +93,14 @@ def _run_and_check(tiny_checkpoint, arch: str, ep: int, tp: int, gpus_per_domain
         for r in results:
             assert r["phases"][phase_index]["generated"] == phase["generated"]
             assert r["phases"][phase_index]["weights_ok"], f"rank slots hold wrong experts after phase {phase_index}"
-    assert [ph["placement_version"] for ph in results[0]["phases"]] == [0, replicated.version, shifted.version]
+    versions = [ph["placement_version"] for ph in results[0]["phases"]]
+    assert versions == [0, replicated.version, shifted.version, swapped.version]
 
     # Counts: summed over ranks, every (token, k) pair of the group counted exactly once.
     tokens_per_phase = 2 * sum(map(len, PROMPTS)) + len(PROMPTS) * (MAX_NEW - 1)
     total = sum(r["expert_tokens"] for r in results)
     assert total.shape == (LAYERS, EXPERTS)
-    np.testing.assert_array_equal(total.sum(axis=1), (len(PROBE[0]) + 3 * tokens_per_phase) * k)
+    np.testing.assert_array_equal(total.sum(axis=1), (len(PROBE[0]) + 4 * tokens_per_phase) * k)
     # Rank token counts: every rank's rows are at least its tokens' share, at most K copies each.
     rows = sum(r["rank_tokens"] for r in results)
     assert LAYERS * (total.sum() // (LAYERS * k)) <= rows.sum() <= total.sum()
