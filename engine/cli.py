@@ -61,6 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--prompts", type=_prompts, default=None, help="'1,2,3;4,5' or JSON [[1,2,3],[4,5]]")
     v.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens compared with transformers.generate")
     v.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit error allowed")
+    v.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo ranks; cuda: NCCL ranks, one GPU each (transformers runs on CPU)")
     v.set_defaults(_engine_run=_run_verify)
 
     t = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint (offline) for demos and tests")
@@ -88,6 +90,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     report = verify(
         args.model, ep=args.ep, tp=args.tp, redundant_slots=args.redundant_slots, prompts=args.prompts,
         max_new_tokens=args.max_new_tokens, gpus_per_domain=args.gpus_per_domain, tolerance=args.tolerance,
+        device=args.device,
     )
     print(report_json(report))
     return 0 if report["ok"] else 1

@@ -255,7 +255,7 @@ def _verify_task(runtime, prompts: list[list[int]], max_new_tokens: int) -> dict
 
 def verify(model_dir: str | Path, *, ep: int, tp: int = 1, redundant_slots: int = 0,
            prompts: list[list[int]] | None = None, max_new_tokens: int = 16, gpus_per_domain: int = 8,
-           tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+           tolerance: float = DEFAULT_TOLERANCE, device: str = "cpu") -> dict[str, Any]:
     """Compare an EP x TP engine world with transformers on ``prompts``; a JSON-ready report.
 
     ``ok`` is true when the max abs logit error is within ``tolerance`` and
@@ -269,13 +269,19 @@ def verify(model_dir: str | Path, *, ep: int, tp: int = 1, redundant_slots: int 
         raise ValueError(f"--tp ({tp}) must divide --ep ({ep})")
     if redundant_slots < 0:
         raise ValueError(f"--redundant-slots must be >= 0, got {redundant_slots}")
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < ep:
+            raise ValueError(f"--device cuda needs one GPU per rank: --ep {ep}, {torch.cuda.device_count()} GPU(s) visible")
     with tempfile.TemporaryDirectory(prefix="moeshard-verify-") as tmp:
         placement_file = None
         if redundant_slots:
             placement = replicated_placement(cfg.num_moe_layers, cfg.num_experts, ep, redundant_slots)
             placement_file = Path(tmp) / "placement.json"
             placement_file.write_text(placement.to_json())
-        env = local_env(model_dir, ep, tp=tp, gpus_per_domain=gpus_per_domain, placement_file=placement_file)
+        env = local_env(model_dir, ep, tp=tp, gpus_per_domain=gpus_per_domain, placement_file=placement_file,
+                        device=device)
         results = run_world(env, _verify_task, prompts, max_new_tokens)
     ref_logits, ref_generated = reference_outputs(model_dir, prompts, max_new_tokens)
     engine_logits = results[0]["logits"]
@@ -289,7 +295,7 @@ def verify(model_dir: str | Path, *, ep: int, tp: int = 1, redundant_slots: int 
     report = {
         "model": str(model_dir),
         "architecture": cfg.model_type,
-        "ep": ep, "tp": tp, "redundant_slots": redundant_slots, "gpus_per_domain": gpus_per_domain,
+        "ep": ep, "tp": tp, "redundant_slots": redundant_slots, "gpus_per_domain": gpus_per_domain, "device": device,
         "prompts": len(prompts),
         "max_abs_error": max(errors),
         "max_abs_error_per_prompt": errors,

@@ -65,3 +65,15 @@ def test_verify_refuses_bad_prompts(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["engine", "verify", "--model", str(tiny_checkpoint("mixtral")), "--ep", "1", "--prompts", "1,x"])
     assert exc.value.code == 2 and "--prompts" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_verify_on_cuda(tiny_checkpoint, capsys):
+    """Opt-in: one NCCL rank on a GPU (Triton expert kernels) against transformers on CPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    code = main(["engine", "verify", "--model", str(tiny_checkpoint("qwen3_moe")), "--ep", "1", "--device", "cuda",
+                 "--max-new-tokens", "4"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
