@@ -23,8 +23,10 @@ Byte accounting: every row of activations that leaves a rank is counted, by
 link class (``intra_domain`` when source and destination share an NVLink
 domain, ``inter_domain`` otherwise), for dispatch and combine. A rank's rows
 to itself use no link and are not counted. Only activation rows are counted:
-the routing metadata (K int64 slot ids and K weights per row) travels beside
-them and is a fixed K x 16 bytes per row.
+the routing metadata travels beside them in one float32 tensor per exchange
+(K slot ids and K weights per row, plus K destination indices in the first
+hierarchical stage: 8K or 12K bytes per row; ids are exact in float32 below
+2^24).
 
 Shape legend: T tokens on this rank, K top-K, H hidden, R rows received,
 W world (EP) size, M ranks per domain.
@@ -102,6 +104,16 @@ def dedup_rows(dest_rank: torch.Tensor, world_size: int) -> tuple[torch.Tensor, 
     return row_token, row_rank, counts
 
 
+def _pack(*columns: torch.Tensor) -> torch.Tensor:
+    """[N, K] tensors (ids, weights) -> one float32 [N, len * K] metadata tensor (one all-to-all instead of several)."""
+    return torch.cat([c.to(torch.float32) for c in columns], dim=1)
+
+
+def _unpack(meta: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """Inverse of ``_pack``: ``parts`` float32 [N, K] columns blocks."""
+    return list(meta.chunk(parts, dim=1))
+
+
 def _row_pairs(values: torch.Tensor, dest_rank: torch.Tensor, row_token: torch.Tensor, row_rank: torch.Tensor,
                fill: float | int) -> torch.Tensor:
     """[N, K]: values of a row's token, kept where its pair goes to the row's rank, ``fill`` elsewhere."""
@@ -161,8 +173,10 @@ class FlatAllToAll(AllToAll):
         recv_counts = _exchange_counts(counts)
         ex = _Exchange(send_counts, recv_counts)
         recv_x = ex.forward(x[row_token])
-        recv_slot = ex.forward(_row_pairs(local_slot, dest_rank, row_token, row_rank, -1))
-        recv_w = ex.forward(_row_pairs(weights, dest_rank, row_token, row_rank, 0.0))
+        meta = ex.forward(_pack(_row_pairs(local_slot, dest_rank, row_token, row_rank, -1),
+                                _row_pairs(weights, dest_rank, row_token, row_rank, 0.0)))
+        slot, w = _unpack(meta, 2)
+        recv_slot, recv_w = slot.to(torch.int64), w.to(x.dtype)
         row_bytes = x.shape[1] * x.element_size()
         self._count(send_counts, row_bytes)
         for r, n in enumerate(send_counts):
@@ -220,16 +234,20 @@ class HierarchicalAllToAll(AllToAll):
         ex1 = _Exchange(counts1.tolist(), _exchange_counts(counts1, self.rail_group), self.rail_group)
         keep = dest_domain[row_token] == row_domain[:, None]
         fwd_x = ex1.forward(x[row_token])
-        fwd_local = ex1.forward(torch.where(keep, dest_rank[row_token] % m, -1))
-        fwd_slot = ex1.forward(torch.where(keep, local_slot[row_token], -1))
-        fwd_w = ex1.forward(torch.where(keep, weights[row_token], 0.0))
+        meta = ex1.forward(_pack(torch.where(keep, dest_rank[row_token] % m, -1),
+                                 torch.where(keep, local_slot[row_token], -1),
+                                 torch.where(keep, weights[row_token], 0.0)))
+        fwd_local, fwd_slot, fwd_w = _unpack(meta, 3)
+        fwd_local, fwd_slot = fwd_local.to(torch.int64), fwd_slot.to(torch.int64)
         self._count(ex1.send_counts, row_bytes, self.rail_ranks)
         # 2. Stage 2: rows received in stage 1 fan out inside this domain, deduplicated per rank.
         row_src, row_local, counts2 = dedup_rows(fwd_local, m)
         ex2 = _Exchange(counts2.tolist(), _exchange_counts(counts2, self.domain_group), self.domain_group)
         recv_x = ex2.forward(fwd_x[row_src])
-        recv_slot = ex2.forward(_row_pairs(fwd_slot, fwd_local, row_src, row_local, -1))
-        recv_w = ex2.forward(_row_pairs(fwd_w, fwd_local, row_src, row_local, 0.0))
+        meta = ex2.forward(_pack(_row_pairs(fwd_slot, fwd_local, row_src, row_local, -1),
+                                 _row_pairs(fwd_w, fwd_local, row_src, row_local, 0.0)))
+        slot, w = _unpack(meta, 2)
+        recv_slot, recv_w = slot.to(torch.int64), w.to(x.dtype)
         self._count(ex2.send_counts, row_bytes, self.domain_ranks)
         # Final destinations of this rank's own tokens (what rank_token_counts reports).
         _, _, final_counts = dedup_rows(dest_rank, p.world_size)
