@@ -53,18 +53,19 @@ class BalancerOptions:
         per-replica load exceeds d's (after losing one) by this factor.
     use_shares: level replica shares by water-filling; False splits evenly
         (what EPLB's dispatch does), kept for the ablation in the bench.
-    sweeps: water-filling sweeps after the last change.
-    candidate_gpus: the heaviest GPU swaps with slots on this many lightest GPUs (None: all).
+    sweeps: water-filling sweeps before the swaps and after the last one.
+    sources: swaps start from one of this many heaviest GPUs (the heaviest that can improve).
+    targets: swaps go to one of this many lightest GPUs (None: all).
     """
 
     max_moves: int | None = None
-    min_gain: float = 0.004
-    replication_margin: float = 0.25
+    min_gain: float = 0.008
+    replication_margin: float = 0.1
     use_shares: bool = True
-    sweeps: int = 3
+    sweeps: int = 8
     spread: float = 0.2
-    risk: float = 0.0
-    candidate_gpus: int | None = None
+    sources: int = 4
+    targets: int | None = None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -265,40 +266,88 @@ def _level_shares(state: _State, table: np.ndarray, sweeps: int, spread: float =
     unavoidable) count once: the second gets share 0. ``layers``: the subset
     to level (all when None).
     """
-    num_layers, r_max, c_max = table.shape
-    layers = np.arange(num_layers) if layers is None else layers
-    if r_max == 0 or sweeps == 0 or layers.size == 0:
+    layers = np.arange(table.shape[0]) if layers is None else layers
+    _level_table(state, table[layers], layers, sweeps, spread)
+
+
+def _level_experts(state: _State, layers: np.ndarray, experts: np.ndarray, spread: float) -> None:
+    """One levelling step for one expert per layer (``layers`` distinct), e.g. after a swap moved it."""
+    count = state.counts[layers, experts]
+    keep = count > 1
+    layers, experts, count = layers[keep], experts[keep], count[keep]
+    if layers.size == 0:
+        return
+    holds_it = state.phy2log[layers] == experts[:, None]  # [n, N]
+    order = np.argsort(~holds_it, axis=1, kind="stable")[:, : int(count.max())]
+    tab = np.where(np.arange(order.shape[1]) < count[:, None], order, -1)
+    _level_table(state, tab[:, None, :], layers, 1, spread)
+
+
+def _color_experts(gpu: np.ndarray, valid: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Greedy colouring [n, R] of the experts of tab so that experts of one colour share no GPU.
+
+    Experts of one colour can be levelled at the same time with the exact
+    result of levelling them one after another.
+    """
+    n, r_max, _ = gpu.shape
+    occupied = np.zeros((n, r_max, num_gpus), dtype=bool)  # [n, colour, GPU]
+    color = np.zeros((n, r_max), dtype=np.int64)
+    rows = np.arange(n)[:, None]
+    for k in range(r_max):
+        g, v = gpu[:, k], valid[:, k]
+        busy = (occupied[rows, :, g] & v[:, :, None]).any(axis=1)  # [n, colour]
+        color[:, k] = busy.argmin(axis=1)  # first free colour; colour k is always free
+        li, ci = np.nonzero(v)  # valid entries only: padding points at GPU 0 and must not mark it
+        occupied[li, color[li, k], g[li, ci]] = True
+    return color
+
+
+def _level_table(state: _State, tab: np.ndarray, layers: np.ndarray, sweeps: int, spread: float) -> None:
+    """Water-filling of ``_level_shares`` over tab [n, R, C] (slots of R experts) of ``layers`` [n]."""
+    n, r_max, c_max = tab.shape
+    if r_max == 0 or sweeps == 0 or n == 0:
         return
     s = state.slots_per_gpu
+    num_gpus = state.gpu_load.shape[1]
     # 1. Structure of the table, once: valid entries, GPUs, duplicates on one GPU.
-    tab = table[layers]
     valid = tab >= 0
     safe = np.where(valid, tab, 0)
     gpu = safe // s
     same = (gpu[..., :, None] == gpu[..., None, :]) & valid[..., :, None] & valid[..., None, :]
     first = valid & ~(same & np.tril(np.ones((c_max, c_max), dtype=bool), k=-1)).any(axis=-1)
     has_dup = bool((valid & ~first).any())
-    entries = [np.nonzero(valid[:, k]) for k in range(r_max)]
+    # 2. Colour classes: experts that share no GPU are levelled together.
+    color = _color_experts(gpu, valid, num_gpus) if r_max > 1 else np.zeros((n, 1), dtype=np.int64)
+    classes = []
+    for c in range(int(color.max()) + 1):
+        member = (color == c) & valid.any(axis=2)
+        width = int(member.sum(axis=1).max())
+        if width == 0:
+            continue
+        pick = np.argsort(~member, axis=1, kind="stable")[:, :width]  # [n, Rc] members first
+        pad = np.take_along_axis(member, pick, 1)[:, :, None]
+        v = np.take_along_axis(valid, pick[:, :, None], 1) & pad
+        classes.append((v, np.take_along_axis(safe, pick[:, :, None], 1), np.take_along_axis(gpu, pick[:, :, None], 1),
+                        np.take_along_axis(first, pick[:, :, None], 1) & pad,
+                        np.take_along_axis(same, pick[:, :, None, None], 1) if has_dup else None, np.nonzero(v)))
     gl, x = state.gpu_load[layers], state.x[layers]
-    rows = np.arange(layers.size)[:, None]
+    rows = np.arange(n)[:, None, None]
     j = np.arange(1, c_max + 1)
-    # 2. Gauss-Seidel over the k-th replicated expert of every layer at once.
+    # 3. Gauss-Seidel over the colour classes, every layer at once.
     for _ in range(sweeps):
-        for k in range(r_max):
-            v, sl, g, f = valid[:, k], safe[:, k], gpu[:, k], first[:, k]
+        for v, sl, g, f, sm, (li, ri, ji) in classes:
             xs = np.where(v, x[rows, sl], 0.0)
-            own = (same[:, k] * xs[:, None, :]).sum(axis=2) if has_dup else xs
+            own = (sm * xs[:, :, None, :]).sum(axis=3) if has_dup else xs
             base = np.where(f, gl[rows, g] - own, np.inf)
-            w = xs.sum(axis=1)
-            level = ((w[:, None] * (1.0 + spread) + np.cumsum(np.sort(base, axis=1), axis=1)) / j).min(axis=1)
-            new = np.where(f, np.maximum(0.0, level[:, None] - np.where(f, base, 0.0)) / (1.0 + spread), 0.0)
-            li, ji = entries[k]
-            delta = new[li, ji] - xs[li, ji]
+            w = xs.sum(axis=2)
+            level = ((w[:, :, None] * (1.0 + spread) + np.cumsum(np.sort(base, axis=2), axis=2)) / j).min(axis=2)
+            new = np.where(f, np.maximum(0.0, level[:, :, None] - np.where(f, base, 0.0)) / (1.0 + spread), 0.0)
+            delta = new[li, ri, ji] - xs[li, ri, ji]
             if has_dup:
-                np.add.at(gl, (li, g[li, ji]), delta)
+                np.add.at(gl, (li, g[li, ri, ji]), delta)
             else:
-                gl[li, g[li, ji]] += delta
-            x[li, sl[li, ji]] = new[li, ji]
+                gl[li, g[li, ri, ji]] += delta
+            x[li, sl[li, ri, ji]] = new[li, ri, ji]
     state.gpu_load[layers], state.x[layers] = gl, x
 
 
@@ -360,55 +409,85 @@ def _adjust_counts(state: _State, loads: np.ndarray, margin: float, budget: np.n
 
 
 def _swap_step(
-    state: _State, min_gain: float, candidate_gpus: int | None, active: np.ndarray, risk: float = 0.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One swap per layer between the heaviest GPU and a lighter one.
+    state: _State, min_gain: float, sources: int, targets: int | None, layers: np.ndarray, room: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """At most one slot swap per layer, from one of the ``sources`` heaviest GPUs to a lighter one.
 
-    Returns (swapped [L] bool, and for the swapped layers: layer, slot a, slot b).
+    A swap between GPU i and a lighter GPU j is an improvement when the
+    heavier of the two afterwards stays below i's load by min_gain of the
+    mean: the sorted load vector then decreases, so the search terminates.
+    The heaviest source with an improving swap wins (the maximum first; when
+    the maximum is pinned by one hot expert, the next GPUs, which are what
+    the next window's maximum is made of); its swap minimises that heavier
+    load. Targets: the ``targets`` lightest GPUs (all when None). Never puts
+    two replicas of one expert on one GPU.
 
-    The swap chosen minimises the heavier of the two GPUs after it, and must
-    lower it below the old maximum by min_gain of the mean; it never puts two
-    replicas of one expert on one GPU.
+    ``layers``: indices of the layers to search; ``room`` [len(layers)]: swaps
+    each may still make. Up to ``sources`` swaps per layer per step, on
+    disjoint GPU pairs. Returns rounds of (layers, slots a, slots b), each
+    round with distinct layers.
     """
-    num_layers, num_gpus = state.gpu_load.shape
+    num_gpus = state.gpu_load.shape[1]
+    num_layers = layers.size
     s = state.slots_per_gpu
+    if num_gpus < 2 or num_layers == 0:
+        return []
+    gpu_load, x, phy2log, holds = state.gpu_load[layers], state.x[layers], state.phy2log[layers], state.holds[layers]
     rows = np.arange(num_layers)
-    k = num_gpus - 1 if candidate_gpus is None else min(candidate_gpus, num_gpus - 1)
-    none = np.zeros(0, dtype=np.int64)
-    if k < 1:
-        return np.zeros(num_layers, dtype=bool), none, none, none
-    sq = (state.x**2).reshape(num_layers, num_gpus, s).sum(axis=2)
-    robust = state.gpu_load + risk * np.sqrt(sq)
-    gmax = robust.argmax(axis=1)
-    top = state.gpu_load[rows, gmax]
-    by_load = np.argsort(robust, axis=1)
-    light = np.where(by_load[:, :k] == gmax[:, None], by_load[:, k:k + 1], by_load[:, :k])  # [L, k]
-    a = gmax[:, None] * s + np.arange(s)  # [L, S]
-    b = (light[:, :, None] * s + np.arange(s)).reshape(num_layers, k * s)  # [L, kS]
-    xa, xb = np.take_along_axis(state.x, a, 1), np.take_along_axis(state.x, b, 1)
-    ea, eb = np.take_along_axis(state.phy2log, a, 1), np.take_along_axis(state.phy2log, b, 1)
-    gb = b // s
-    hb = np.take_along_axis(state.gpu_load, gb, 1)
-    new_top = top[:, None, None] - xa[:, :, None] + xb[:, None, :]
-    new_other = hb[:, None, :] - xb[:, None, :] + xa[:, :, None]
-    if risk > 0:
-        qa, qb = xa**2, xb**2
-        new_top = new_top + risk * np.sqrt(np.maximum(sq[rows, gmax][:, None, None] - qa[:, :, None] + qb[:, None, :], 0))
-        new_other = new_other + risk * np.sqrt(np.maximum(np.take_along_axis(sq, gb, 1)[:, None, :] - qb[:, None, :] + qa[:, :, None], 0))
-    worst = np.maximum(new_top, new_other)  # [L, S, kS]
-    r3 = rows[:, None, None]
-    conflict = (state.holds[r3, gb[:, None, :], ea[:, :, None]] > 0) | (state.holds[r3, gmax[:, None, None], eb[:, None, :]] > 0)
-    worst = np.where(conflict | (ea[:, :, None] == eb[:, None, :]), np.inf, worst)
-    flat = worst.reshape(num_layers, -1).argmin(axis=1)
-    best = worst.reshape(num_layers, -1)[rows, flat]
-    mean = state.gpu_load.mean(axis=1)
-    go = active & (best < robust[rows, gmax] - min_gain * mean)
-    if not go.any():
-        return go, none, none, none
-    li = rows[go]
-    ia, ib = flat[go] // (k * s), flat[go] % (k * s)
-    sa, sb = a[li, ia], b[li, ib]
-    g_a, g_b = gmax[li], sb // s
+    m = min(sources, num_gpus - 1)
+    k = num_gpus if targets is None else min(targets, num_gpus)
+    by_load = np.argsort(-gpu_load, axis=1, kind="stable")
+    src, dst = by_load[:, :m], by_load[:, num_gpus - k:]
+    # Candidates as [L, m, S] source slots against [L, k, S] target slots: worst is [L, m, S, k, S].
+    a = src[:, :, None] * s + np.arange(s)
+    b = dst[:, :, None] * s + np.arange(s)
+    x32 = x.astype(np.float32)  # float32 for the search (a 0.4% gain threshold needs no more); float64 state
+    xa, xb = x32[rows[:, None, None], a], x32[rows[:, None, None], b]
+    ea, eb = phy2log[rows[:, None, None], a], phy2log[rows[:, None, None], b]
+    load32 = gpu_load.astype(np.float32)
+    la, lb = np.take_along_axis(load32, src, 1), np.take_along_axis(load32, dst, 1)
+    delta = xb[:, None, None, :, :] - xa[:, :, :, None, None]  # load the source GPU gains
+    worst = np.maximum(la[:, :, None, None, None] + delta, lb[:, None, None, :, None] - delta)
+    # Forbidden: same GPU, same expert, or a replica of the expert already on the other GPU.
+    present = holds > 0
+    a_on_dst = np.take_along_axis(present[rows[:, None, None], :, ea], dst[:, None, None, :], axis=3)  # [L, m, S, k]
+    b_on_src = present[rows[:, None, None, None], src[:, :, None, None], eb[:, None, :, :]]  # [L, m, k, S]
+    bad = (src[:, :, None] == dst[:, None, :])[:, :, None, :, None] | (ea[:, :, :, None, None] == eb[:, None, None, :, :])
+    bad |= a_on_dst[..., None] | b_on_src[:, :, None, :, :]
+    limit = la - np.float32(min_gain) * load32.mean(axis=1, keepdims=True)  # [L, m]
+    bad |= worst >= limit[:, :, None, None, None]
+    # Best swap per (source GPU, target GPU): [L, m, k], and where it is inside the S x S block.
+    block = np.where(bad, np.inf, worst).transpose(0, 1, 3, 2, 4).reshape(num_layers, m, k, s * s)
+    best = block.min(axis=3)
+    where = block.argmin(axis=3)
+    # 3. Heaviest source first, each source takes its best target among the GPUs
+    #    no earlier swap of this step touched (so the loads it was scored on hold).
+    used = np.zeros((num_layers, num_gpus), dtype=bool)
+    left = room.copy()
+    rounds = []
+    for r in range(m):
+        options = np.where(used[rows[:, None], dst], np.inf, best[:, r])  # [L, k]
+        j = options.argmin(axis=1)
+        ok = np.isfinite(options[rows, j]) & (left >= 1) & ~used[rows, src[:, r]]
+        if not ok.any():
+            continue
+        sub, jj = rows[ok], j[ok]
+        w = where[sub, r, jj]
+        sa = a[sub, r, w // s]
+        sb = b[sub, jj, w % s]
+        used[sub, sa // s] = True
+        used[sub, sb // s] = True
+        left[sub] -= 1
+        li = layers[sub]
+        _apply_swap(state, li, sa, sb)
+        rounds.append((li, sa, sb))
+    return rounds
+
+
+def _apply_swap(state: _State, li: np.ndarray, sa: np.ndarray, sb: np.ndarray) -> None:
+    """Swap slots sa and sb (with their replicas and tokens) in layers li (distinct layers)."""
+    s = state.slots_per_gpu
+    g_a, g_b = sa // s, sb // s
     e_a, e_b = state.phy2log[li, sa], state.phy2log[li, sb]
     x_a, x_b = state.x[li, sa], state.x[li, sb]
     state.phy2log[li, sa], state.phy2log[li, sb] = e_b, e_a
@@ -420,7 +499,6 @@ def _swap_step(
     state.holds[li, g_b, e_b] -= 1
     state.holds[li, g_b, e_a] += 1
     state.moves[li] += 2
-    return go, li, sa, sb
 
 
 # --------------------------------------------------------------------------- public API
@@ -479,16 +557,24 @@ def rebalance_placement(
     if not opts.use_shares:
         _reset_even(state, arr)
     _level_shares(state, table, sweeps, opts.spread)
-    active = state.moves + 2 <= budget
+    active = np.flatnonzero(state.moves + 2 <= budget)
     for _ in range(n):
-        swapped, li, sa, sb = _swap_step(state, opts.min_gain, opts.candidate_gpus, active, opts.risk)
-        if not swapped.any():
+        rounds = _swap_step(state, opts.min_gain, opts.sources, opts.targets, active,
+                            (budget[active] - state.moves[active]) // 2)
+        if not rounds:
             break
         # The swapped slots carry their replicas: keep the table in step, re-level those layers.
-        sub = table[li]
-        table[li] = np.where(sub == sa[:, None, None], sb[:, None, None], np.where(sub == sb[:, None, None], sa[:, None, None], sub))
-        _level_shares(state, table, 1 if opts.use_shares else 0, opts.spread, li)
-        active = swapped & (state.moves + 2 <= budget)
+        for li, sa, sb in rounds:
+            sub = table[li]
+            table[li] = np.where(sub == sa[:, None, None], sb[:, None, None],
+                                 np.where(sub == sb[:, None, None], sa[:, None, None], sub))
+        if opts.use_shares:
+            # Re-level the moved replicas' experts now (cheap); the final sweeps settle the rest.
+            for li, sa, sb in rounds:
+                for slot in (sa, sb):
+                    _level_experts(state, li, state.phy2log[li, slot], opts.spread)
+        swapped = np.unique(np.concatenate([li for li, _, _ in rounds]))
+        active = swapped[state.moves[swapped] + 2 <= budget[swapped]]
     # 4. Final levelling and the shares as fractions of each expert's load.
     _level_shares(state, table, sweeps, opts.spread)
     weights = _shares(state, arr)

@@ -285,7 +285,6 @@ def test_balance_once_drops_its_plan_when_the_config_map_changed(prometheus, clu
     assert live_placement(kube, "skewed").version == 0
 
 
-@pytest.mark.slow
 def test_operator_daemon_rebalances_on_its_interval(prometheus, cluster):
     """The real kopf operator: the reconciler writes version 0, the balancer daemon replaces it."""
     import kopf
