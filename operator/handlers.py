@@ -125,8 +125,8 @@ class _Reconciler:
     def event(self, reason: str, message: str, type_: str = "Normal") -> None:
         self.outcome.events.append((type_, reason, message))
 
-    def apply(self, desired: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
-        result = self.kube.apply(desired, live)
+    def apply(self, desired: dict[str, Any], live: dict[str, Any] | None, force: bool = False) -> dict[str, Any]:
+        result = self.kube.apply(desired, live, force=force)
         if result.action != "unchanged":
             self.event(result.action.capitalize(), f"{result.action} {desired['kind']} {desired['metadata']['name']}")
         return result.obj
@@ -175,12 +175,9 @@ class _Reconciler:
                 placement = None  # the balancer's placement stays
             elif current is not None:
                 placement = placement.with_version(current.version + 1)
-        desired = build_config_map(d, placement)
-        if placement is not None and live is not None and desired["metadata"]["annotations"] == (
-                live.get("metadata") or {}).get("annotations"):
-            # Same plan but the placement no longer parses or fits: force the write.
-            desired["metadata"]["annotations"]["moeshard.io/placement-reset"] = str(placement.version)
-        self.apply(desired, live)
+        # A live placement that no longer parses or fits is rewritten even when the plan is unchanged
+        # (the desired-hash leaves placement.json out, so it alone would say "unchanged").
+        self.apply(build_config_map(d, placement), live, force=placement is not None and live is not None)
         if placement is not None and placement.version > 0:
             self.event("PlacementReset", f"placement reset to version {placement.version} for the new plan")
 
@@ -273,6 +270,7 @@ class _Reconciler:
                 self.event("RolledGroup", f"replica group {r} replaced with the new template")
                 continue
             group_pods = [p for p in pods if _replica_of(p) == r]
+            # LeaderWorkerSet recreates its group itself (RecreateGroupOnPodRestart)
             if d.uses_lws or not any(_pod_failed_after_start(p) for p in group_pods):
                 ready += 1 if live_ready else 0
                 continue

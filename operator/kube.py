@@ -152,11 +152,12 @@ class Kube:
         return any(r.get("name") == plural for r in data.get("resources") or [])
 
     # ---------------------------------------------------------------- apply
-    def apply(self, desired: dict[str, Any], live: dict[str, Any] | None) -> ApplyResult:
+    def apply(self, desired: dict[str, Any], live: dict[str, Any] | None, force: bool = False) -> ApplyResult:
         """Create or patch ``desired`` so that the live object matches it; no write when it already does.
 
         ``live`` is the object as last listed (possibly stale): a 409 makes
-        apply re-read and retry up to CONFLICT_RETRIES times.
+        apply re-read and retry up to CONFLICT_RETRIES times. ``force``
+        patches even when the desired-hash annotations agree.
         """
         api_version, plural = kind_route(desired)
         meta = desired["metadata"]
@@ -172,7 +173,7 @@ class Kube:
                     live = self.get(api_version, plural, meta.get("namespace"), meta["name"])
                     continue
             live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
-            if live_hash == meta["annotations"][HASH_ANNOTATION]:
+            if live_hash == meta["annotations"][HASH_ANNOTATION] and not force:
                 return ApplyResult("unchanged", live, conflicts)
             patch = json.loads(json.dumps(desired))
             patch["metadata"]["resourceVersion"] = live["metadata"].get("resourceVersion")

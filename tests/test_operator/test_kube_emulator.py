@@ -114,3 +114,18 @@ def test_discovery_declares_namespaces_and_the_crd_subresources(kube):
     ours = {r["name"]: r for r in kube.request("GET", f"/apis/{GROUP}/{VERSION}")["resources"]}
     assert {"moedeployments", "moedeployments/status", "moedeployments/scale"} <= set(ours)
     assert ours["moedeployments"]["namespaced"] is True and ours["moedeployments"]["kind"] == "MoEDeployment"
+
+
+def test_list_honours_equality_label_selectors(kube):
+    for name, labels in (("a", {"app": "x", "tier": "1"}), ("b", {"app": "x"}), ("c", {"app": "y"})):
+        kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": NS,
+                                                                           "labels": labels}})
+
+    def names(selector):
+        data = kube.request("GET", f"/api/v1/namespaces/{NS}/configmaps", query={"labelSelector": selector})
+        return sorted(i["metadata"]["name"] for i in data["items"])
+
+    assert names("app=x") == ["a", "b"]
+    assert names("app==x,tier=1") == ["a"]
+    assert names("app!=x") == ["c"]
+    assert names("tier") == ["a"] and names("!tier") == ["b", "c"]

@@ -139,6 +139,19 @@ def test_balancer_placement_is_kept_while_it_fits(kube, custom, emulator, exampl
     assert '"decodeBatch":8' in cm["data"]["plan.json"] or '"decodeBatch": 8' in cm["data"]["plan.json"]
 
 
+def test_corrupt_placement_is_rewritten(kube, custom, emulator, example, check_moed):
+    _create(custom, check_moed(example("tiny-cpu")))
+    _settle(kube, custom, emulator)
+    kube.patch("v1", "configmaps", NS, "tiny-config", {"data": {"placement.json": "{not json"}})
+    outcome = _reconcile(kube, custom)
+    assert ("Normal", "Patched") in {e[:2] for e in outcome.events}
+    placement = parse_placement(emulator.objects(CM, NS)["tiny-config"]["data"]["placement.json"])
+    assert placement.num_gpus == 4
+    writes = kube.writes
+    _reconcile(kube, custom)
+    assert kube.writes == writes  # and then nothing more to do
+
+
 def test_failed_pod_recreates_its_group_until_the_restart_budget_ends(kube, custom, emulator, example, check_moed):
     body = example("tiny-cpu", **{"spec.parallelism.replicas": 2,
                                   "spec.engine.restartBudget": {"maxRestarts": 2, "window": "30m"}})
