@@ -135,7 +135,12 @@ class MoELayer:
         self.counts += torch.bincount(experts.reshape(-1), minlength=self.counts.numel())
         s = self.slots_per_rank
         recv_x, recv_slot, recv_w, handle = self.comm.dispatch(x, slots // s, slots % s, weights.to(x.dtype))
-        y = fused_expert_ffn(recv_x, recv_slot, recv_w, self.w_gate_up, self.w_down)
+        # The kernel picks its launch bucket by the pairs it really computes; rows
+        # received for other slots are -1. Counting them costs a sync on CUDA, which
+        # the uneven all-to-all (host-side split sizes) has already paid. The CPU
+        # twin does not bucket.
+        live = int((recv_slot >= 0).sum()) if recv_x.is_cuda else None
+        y = fused_expert_ffn(recv_x, recv_slot, recv_w, self.w_gate_up, self.w_down, num_live_pairs=live)
         return self.comm.combine(y, handle)
 
 
