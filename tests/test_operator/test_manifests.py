@@ -205,3 +205,18 @@ def test_render_names_the_bad_field(tmp_path, capsys, example):
     path.write_text(yaml.safe_dump(body))
     assert main(["render", str(path)]) == 2
     assert "spec.parallelism.expertEP" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, pods, gpus, clique", [("qwen3-235b-gb200", 4, 4, True), ("qwen3-235b-h100", 1, 8, False)])
+def test_done_when_examples_render_the_expected_groups(name, pods, gpus, clique, example, check_moed):
+    """Issue 5, done when: Qwen3-235B, 2 replicas: gb200 -> 2 groups of 4 pods x 4 GPUs with clique
+    affinity; h100 -> 2 pods x 8 GPUs (the planner's own choice of EP)."""
+    body = check_moed(example(name))
+    assert body["spec"]["parallelism"]["replicas"] == 2 and "expertEP" not in body["spec"]["parallelism"]
+    groups = _kinds(render_objects(body), "StatefulSet")
+    assert len(groups) == 2
+    for sts in groups:
+        assert sts["spec"]["replicas"] == pods
+        assert _container(sts)["resources"]["limits"][GPU_RESOURCE] == str(gpus)
+        affinity = sts["spec"]["template"]["spec"].get("affinity", {})
+        assert ("podAffinity" in affinity) == clique
