@@ -180,10 +180,13 @@ def run_config(cfg: Config, layers: int, windows: int, tokens: int, seeds: list[
     best_eplb = min(("eplb_global", "eplb_hier"), key=lambda k: out[k]["next_window_max_mean"])
     ms, ep = out["moeshard"], out[best_eplb]
     wins = np.array(ratio["moeshard"]) <= np.array(ratio[best_eplb])
+    diff = np.array(ratio["moeshard"]) - np.array(ratio[best_eplb])  # paired: same windows
     out["verdict"] = {
         "best_eplb": best_eplb,
         "ratio_vs_best_eplb": ms["next_window_max_mean"] / ep["next_window_max_mean"],
         "windows_at_or_below_eplb": f"{int(wins.sum())}/{wins.size}",
+        "ratio_diff_mean": float(diff.mean()),
+        "ratio_diff_stderr": float(diff.std(ddof=1) / np.sqrt(diff.size)),
         "moves_vs_fewest_eplb": ms["moves_per_layer"]
         / max(1e-9, min(out["eplb_global"]["moves_per_layer"], out["eplb_hier"]["moves_per_layer"])),
         "meets_balance": ms["next_window_max_mean"] <= ep["next_window_max_mean"],
@@ -200,9 +203,10 @@ def time_large(layers: int, experts: int, gpus: int, redundant: int, repeats: in
     s = (experts + redundant) // gpus
     live = rebalance_placement(counts[0], gpus, s, GPUS_PER_DOMAIN).placement
     times = {"moeshard_incremental": [], "moeshard_scratch": [], "eplb_global": []}
+    cpu = {k: [] for k in times}
     for _ in range(repeats):
         for k in times:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if k == "moeshard_incremental":
                 rebalance_placement(counts[1], gpus, s, GPUS_PER_DOMAIN, live)
             elif k == "moeshard_scratch":
@@ -210,18 +214,20 @@ def time_large(layers: int, experts: int, gpus: int, redundant: int, repeats: in
             else:
                 eplb_placement(counts[1], gpus, s)
             times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
     return {
         "shape": {"layers": layers, "experts": experts, "gpus": gpus, "redundant": redundant, "slots_per_gpu": s},
         "median_ms": {k: 1000 * float(np.median(v)) for k, v in times.items()},
+        "median_cpu_ms": {k: 1000 * float(np.median(v)) for k, v in cpu.items()},
         "repeats": repeats,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=16, help="MoE layers per configuration")
+    parser.add_argument("--layers", type=int, default=32, help="MoE layers per configuration")
     parser.add_argument("--windows", type=int, default=12, help="windows per seed (plans scored on windows 2..)")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=2_000_000, help="tokens per window")
     parser.add_argument("--quick", action="store_true", help="one configuration, few windows")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "balancer.json")
@@ -244,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
             f"eplb g/h {res['eplb_global']['next_window_max_mean']:.4f}/{res['eplb_hier']['next_window_max_mean']:.4f} "
             f"moves {res['moeshard']['moves_per_layer']:.1f} vs {res['eplb_global']['moves_per_layer']:.1f}/"
             f"{res['eplb_hier']['moves_per_layer']:.1f} of {cfg.num_experts + cfg.redundant} "
+            f"diff {1e3 * v['ratio_diff_mean']:+.1f}e-3 +- {1e3 * v['ratio_diff_stderr']:.1f}e-3 "
             f"wins {v['windows_at_or_below_eplb']} balance_ok={v['meets_balance']} moves_ok={v['meets_moves']}",
             flush=True,
         )
     timing = time_large(94, 128, 32, 32, repeats=3 if args.quick else 7)
-    print(f"timing 94x128x32 (R=32): {timing['median_ms']}")
+    print(f"timing 94x128x32 (R=32) wall ms: {timing['median_ms']} cpu ms: {timing['median_cpu_ms']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),

@@ -16,14 +16,19 @@ balanced packing, recomputed from scratch) in three ways:
 * Incremental. Starting from the live placement it keeps every slot that is
   fine and changes a few: replica counts change only when the hottest
   per-replica load beats the coldest spare replica by a margin, and GPUs are
-  evened by pairwise slot swaps chosen to lower the heaviest GPU. Each
-  changed slot is one expert weight copy, and the number per layer is capped.
-* Shares. After every change the replicated experts' shares are re-levelled by
-  water-filling (block coordinate descent on the sum of squared GPU loads,
-  whose minimiser over these flow constraints also minimises the maximum).
-  An expert split across a busy and an idle GPU gives the idle one more.
+  evened by pairwise slot swaps from the heaviest GPUs (lexicographic: when
+  the heaviest is pinned by one hot expert, the next ones, which make the
+  next window's maximum). Each changed slot is one expert weight copy; the
+  number per layer is capped.
+* Shares. Once the slots are fixed, the replicated experts' shares are
+  levelled by water-filling (block coordinate descent on the sum of squared
+  GPU loads plus ``spread`` times the squared shares: spread 0 levels this
+  window exactly, a little spread keeps part of the even split, whose lower
+  per-GPU variance pays off on the next window). An expert split across a
+  busy and an idle GPU gives the idle one more.
 * Vectorised across layers. Every step works on [L, ...] arrays at once; the
-  Python loops run over slots or iterations, never over layers.
+  Python loops run over slots, experts of one colour class, or iterations,
+  never over layers.
 
 Topology: replicas of one expert never share a GPU when that is avoidable,
 and, as a tie-break worth ``DOMAIN_PENALTY`` of the mean GPU load, a new
@@ -53,7 +58,8 @@ class BalancerOptions:
         per-replica load exceeds d's (after losing one) by this factor.
     use_shares: level replica shares by water-filling; False splits evenly
         (what EPLB's dispatch does), kept for the ablation in the bench.
-    sweeps: water-filling sweeps before the swaps and after the last one.
+    sweeps: water-filling sweeps (Gauss-Seidel over colour classes).
+    spread: weight of the squared shares in the levelling objective (see _level_shares).
     sources: swaps start from one of this many heaviest GPUs (the heaviest that can improve).
     targets: swaps go to one of this many lightest GPUs (None: all).
     """
@@ -268,19 +274,6 @@ def _level_shares(state: _State, table: np.ndarray, sweeps: int, spread: float =
     """
     layers = np.arange(table.shape[0]) if layers is None else layers
     _level_table(state, table[layers], layers, sweeps, spread)
-
-
-def _level_experts(state: _State, layers: np.ndarray, experts: np.ndarray, spread: float) -> None:
-    """One levelling step for one expert per layer (``layers`` distinct), e.g. after a swap moved it."""
-    count = state.counts[layers, experts]
-    keep = count > 1
-    layers, experts, count = layers[keep], experts[keep], count[keep]
-    if layers.size == 0:
-        return
-    holds_it = state.phy2log[layers] == experts[:, None]  # [n, N]
-    order = np.argsort(~holds_it, axis=1, kind="stable")[:, : int(count.max())]
-    tab = np.where(np.arange(order.shape[1]) < count[:, None], order, -1)
-    _level_table(state, tab[:, None, :], layers, 1, spread)
 
 
 def _color_experts(gpu: np.ndarray, valid: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -550,33 +543,21 @@ def rebalance_placement(
         state = _State.build(arr, phy2log, num_gpus, slots_per_gpu)
         budget = np.full(num_layers, np.iinfo(np.int64).max // 4, dtype=np.int64)
         version = 1
-    # 3. Level the shares, then swap slots off the heaviest GPU while it pays,
-    #    re-levelling after each round so that swaps see the shares' slack.
-    table = _replica_table(state.phy2log, state.counts)
-    sweeps = opts.sweeps if opts.use_shares else 0
-    if not opts.use_shares:
-        _reset_even(state, arr)
-    _level_shares(state, table, sweeps, opts.spread)
+    # 3. Swap slots off the heaviest GPUs while it pays, on the even split: its
+    #    lumpy loads show which swaps matter (levelled shares would hide them
+    #    on a plateau that no single swap can lower).
+    _reset_even(state, arr)
     active = np.flatnonzero(state.moves + 2 <= budget)
     for _ in range(n):
         rounds = _swap_step(state, opts.min_gain, opts.sources, opts.targets, active,
                             (budget[active] - state.moves[active]) // 2)
         if not rounds:
             break
-        # The swapped slots carry their replicas: keep the table in step, re-level those layers.
-        for li, sa, sb in rounds:
-            sub = table[li]
-            table[li] = np.where(sub == sa[:, None, None], sb[:, None, None],
-                                 np.where(sub == sb[:, None, None], sa[:, None, None], sub))
-        if opts.use_shares:
-            # Re-level the moved replicas' experts now (cheap); the final sweeps settle the rest.
-            for li, sa, sb in rounds:
-                for slot in (sa, sb):
-                    _level_experts(state, li, state.phy2log[li, slot], opts.spread)
         swapped = np.unique(np.concatenate([li for li, _, _ in rounds]))
         active = swapped[state.moves[swapped] + 2 <= budget[swapped]]
-    # 4. Final levelling and the shares as fractions of each expert's load.
-    _level_shares(state, table, sweeps, opts.spread)
+    # 4. Level the shares over the final slots; the shares as fractions of each expert's load.
+    if opts.use_shares:
+        _level_shares(state, _replica_table(state.phy2log, state.counts), opts.sweeps, opts.spread)
     weights = _shares(state, arr)
     if previous is not None:
         moves = (state.phy2log != previous.phy2log).sum(axis=1)
