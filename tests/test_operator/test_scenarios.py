@@ -115,6 +115,14 @@ def test_lifecycle_create_update_ep_scale_conflict_delete(start_operator, custom
                  what="plan.json updated after a conflict")
         assert "ConfigMap/tiny-config" in emulator.emulator.conflicts
 
+    # the controller never writes spec: no operator or kopf request touches it
+    ours = [r for r in emulator.emulator if r.headers.get("User-Agent", "").startswith(("moeshard-operator", "kopf/"))]
+    assert any(r.method == "PATCH" for r in ours)
+    for r in ours:
+        if r.method in ("PATCH", "PUT") and "/moedeployments/" in r.url.path:
+            ops = r.data if isinstance(r.data, list) else [{"path": "/" + k} for k in (r.data or {})]
+            assert not [op for op in ops if op["path"].startswith("/spec")], r.data
+
     # delete: kopf's finalizer runs the cleanup, then the object goes
     body = custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "tiny")
     assert body["metadata"]["finalizers"] == ["moeshard.io/cleanup"]
