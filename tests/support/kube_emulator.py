@@ -423,9 +423,9 @@ class OperatorThread:
     """
 
     def __init__(self, *, namespaces: list[str], memo: Any = None, settings: Any = None,
-                 standalone: bool = True, peering_name: str | None = None):
+                 standalone: bool = True, peering_name: str | None = None, priority: int = 0):
         self.kwargs = dict(namespaces=namespaces, memo=memo, settings=settings, standalone=standalone,
-                           peering_name=peering_name)
+                           peering_name=peering_name, priority=priority)
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.error: BaseException | None = None
