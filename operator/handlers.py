@@ -41,7 +41,7 @@ from . import naming
 from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError, parse_duration, parse_resource
 from .kube import Kube, KubeError, kube_from_config
 from .manifests import (
-    KINDS, LWS_API_VERSION, Deployment, build_compute_domain, build_config_map,
+    HASH_ANNOTATION, KINDS, LWS_API_VERSION, Deployment, build_compute_domain, build_config_map,
     build_group, build_headless_service, build_initial_placement, build_pod_disruption_budget, build_service,
     placement_fits,
 )
@@ -181,7 +181,10 @@ class _Reconciler:
         if placement is not None and placement.version > 0:
             self.event("PlacementReset", f"placement reset to version {placement.version} for the new plan")
 
-    def delete_group(self, d: Deployment, group: dict[str, Any], pods: list[dict[str, Any]], why: str) -> None:
+    def named(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {o["metadata"]["name"]: o for o in self.children(kind)}
+
+    def delete_group(self, group: dict[str, Any], pods: list[dict[str, Any]], why: str) -> None:
         self.delete(group, why)
         replica = _replica_of(group)
         for pod in pods:  # the GC would delete them too; doing it now frees the names at once
@@ -222,91 +225,112 @@ class _Reconciler:
             return self.outcome
 
         # 2. children
-        group_kind = "LeaderWorkerSet" if d.uses_lws else "StatefulSet"
-        config_maps = {o["metadata"]["name"]: o for o in self.children("ConfigMap")}
-        services = {o["metadata"]["name"]: o for o in self.children("Service")}
-        pdbs = {o["metadata"]["name"]: o for o in self.children("PodDisruptionBudget")}
-        groups = {o["metadata"]["name"]: o for o in self.children(group_kind)}
-        stale_kind_groups = self.children("StatefulSet" if d.uses_lws else "LeaderWorkerSet")
-        domains = {o["metadata"]["name"]: o for o in self.children("ComputeDomain")}
-        pods = self.children("Pod")
+        live = _Children(
+            config_maps=self.named("ConfigMap"), services=self.named("Service"),
+            pdbs=self.named("PodDisruptionBudget"), domains=self.named("ComputeDomain"),
+            groups=self.named("LeaderWorkerSet" if d.uses_lws else "StatefulSet"),
+            other_kind_groups=self.named("StatefulSet" if d.uses_lws else "LeaderWorkerSet"),
+            pods=self.children("Pod"),
+        )
 
         # 3. config and front Service
-        self.config_map(d, config_maps.get(naming.config_map_name(self.name)))
-        self.apply(build_service(d), services.get(naming.service_name(self.name)))
+        self.config_map(d, live.config_maps.get(naming.config_map_name(self.name)))
+        self.apply(build_service(d), live.services.get(naming.service_name(self.name)))
 
-        # 4. replica groups
-        for group in stale_kind_groups:  # groupKind changed: the old kind's groups go
-            self.delete_group(d, group, pods, "spec.engine.groupKind changed")
-        ready = missing = outdated = restarted = 0
-        budget = spec.engine.restart_budget
-        history = self.restart_history(budget.window)
-        failed_reason = failed_message = None
-        plans: list[tuple[int, dict[str, Any], dict[str, Any] | None]] = []
+        # 4. per-group objects, then the groups themselves
         for r in range(d.replicas):
-            self.apply(build_headless_service(d, r), services.get(naming.headless_service_name(self.name, r)))
-            self.apply(build_pod_disruption_budget(d, r), pdbs.get(naming.group_name(self.name, r)))
+            self.apply(build_headless_service(d, r), live.services.get(naming.headless_service_name(self.name, r)))
+            self.apply(build_pod_disruption_budget(d, r), live.pdbs.get(naming.group_name(self.name, r)))
             if spec.engine.scheduling.compute_domain:
-                self.apply(build_compute_domain(d, r), domains.get(naming.group_name(self.name, r)))
-            plans.append((r, build_group(d, r), groups.get(naming.group_name(self.name, r))))
-        serving = sum(1 for _, _, live in plans if live is not None and _group_ready(live, d.pods_per_replica))
-        floor = d.replicas - spec.engine.max_unavailable
-        for r, desired, live in plans:
-            if live is None:
-                missing += 1
-                self.apply(desired, None)
-                continue
-            live_ready = _group_ready(live, d.pods_per_replica)
-            live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get("moeshard.io/desired-hash")
-            if live_hash != desired["metadata"]["annotations"]["moeshard.io/desired-hash"]:
-                # roll: replace a serving group only while the others keep the capacity floor
-                if live_ready and serving - 1 < floor:
-                    outdated += 1
-                    continue
-                outdated += 1
-                serving -= 1 if live_ready else 0
-                self.delete_group(d, live, pods, "rolling to the new plan")
-                self.apply(desired, None)
-                self.event("RolledGroup", f"replica group {r} replaced with the new template")
-                continue
-            group_pods = [p for p in pods if _replica_of(p) == r]
-            # LeaderWorkerSet recreates its group itself (RecreateGroupOnPodRestart)
-            if d.uses_lws or not any(_pod_failed_after_start(p) for p in group_pods):
-                ready += 1 if live_ready else 0
-                continue
-            # 4b. a pod failed after start: the group is recreated as a unit, within the budget
-            if len(history) >= budget.max_restarts:
-                failed_reason = "RestartBudgetExceeded"
-                failed_message = (f"replica group {r} failed again after {len(history)} recreations within "
-                                  f"{budget.window} (spec.engine.restartBudget.maxRestarts {budget.max_restarts})")
-                continue
-            history.append({"replica": r, "time": self.now})
-            restarted += 1
-            serving -= 1 if live_ready else 0
-            self.delete_group(d, live, pods, "a pod failed after start")
-            self.apply(desired, None)
-            self.event("RecreatedGroup", f"replica group {r} recreated after a pod failed "
-                                         f"({len(history)}/{budget.max_restarts} in {budget.window})", "Warning")
-        if failed_reason:
-            self.event(failed_reason, failed_message, "Warning")
+                self.apply(build_compute_domain(d, r), live.domains.get(naming.group_name(self.name, r)))
+        for group in live.other_kind_groups.values():  # groupKind changed: the old kind's groups go
+            self.delete_group(group, live.pods, "spec.engine.groupKind changed")
+        counts = self.groups(d, live)
 
-        # 5. scale down: groups beyond the desired count
-        for name, group in sorted(groups.items()):
-            r = _replica_of(group)
-            if r is not None and r >= d.replicas:
-                self.delete_group(d, group, pods, "scaled down")
-                for kind, objs, obj_name in (("Service", services, naming.headless_service_name(self.name, r)),
-                                             ("PodDisruptionBudget", pdbs, name), ("ComputeDomain", domains, name)):
-                    if obj_name in objs:
-                        self.delete(objs[obj_name], "scaled down")
+        # 5. scale down: everything of a group index >= replicas (and ComputeDomains no longer asked for)
+        for objs in (live.groups, live.services, live.pdbs, live.domains):
+            for obj in objs.values():
+                r = _replica_of(obj)
+                stale_domain = obj["kind"] == "ComputeDomain" and not spec.engine.scheduling.compute_domain
+                if r is not None and (r >= d.replicas or stale_domain):
+                    if objs is live.groups:
+                        self.delete_group(obj, live.pods, "scaled down")
+                    else:
+                        self.delete(obj, "scaled down" if r >= d.replicas else "spec.engine.scheduling changed")
 
         # 6. status
-        observation = Observation(**obs, ready=ready, missing=missing, outdated=outdated, restarted=restarted,
-                                  failed_reason=failed_reason, failed_message=failed_message or "",
-                                  group_restarts=history)
-        self.write_status(observation)
-        self.outcome.settled = (ready == d.replicas and not (missing or outdated or restarted)) or bool(failed_reason)
+        self.write_status(Observation(**obs, **counts))
+        self.outcome.settled = (counts["ready"] == d.replicas and not (
+            counts["missing"] or counts["outdated"] or counts["restarted"])) or bool(counts["failed_reason"])
         return self.outcome
+
+    def groups(self, d: Deployment, live: "_Children") -> dict[str, Any]:
+        """Create missing groups, recreate failed ones, roll outdated ones; returns Observation counts.
+
+        Rolling rule: an outdated group that is serving (all pods ready) is
+        replaced only while the other serving groups stay >= replicas -
+        maxUnavailable; an outdated group that is not serving is replaced at once.
+        """
+        budget = d.spec.engine.restart_budget
+        history = self.restart_history(budget.window)
+        desired = {r: build_group(d, r) for r in range(d.replicas)}
+        current = {r: live.groups.get(naming.group_name(self.name, r)) for r in range(d.replicas)}
+        serving = {r for r, g in current.items() if g is not None and _group_ready(g, d.pods_per_replica)}
+        floor = d.replicas - d.spec.engine.max_unavailable
+        counts: dict[str, Any] = dict(missing=0, outdated=0, restarted=0, failed_reason=None, failed_message="")
+        for r in range(d.replicas):
+            group = current[r]
+            if group is None:
+                counts["missing"] += 1
+                self.apply(desired[r], None)
+                continue
+            if _annotation(group, HASH_ANNOTATION) != _annotation(desired[r], HASH_ANNOTATION):
+                counts["outdated"] += 1
+                if r in serving and len(serving) - 1 < floor:
+                    continue  # wait: replacing it now would drop capacity below the floor
+                serving.discard(r)
+                self.delete_group(group, live.pods, "rolling to the new plan")
+                self.apply(desired[r], None)
+                self.event("RolledGroup", f"replica group {r} replaced with the new template")
+                continue
+            # LeaderWorkerSet recreates its group itself (RecreateGroupOnPodRestart)
+            failed = not d.uses_lws and any(_pod_failed_after_start(p) for p in live.pods if _replica_of(p) == r)
+            if not failed:
+                continue
+            # a pod failed after start: the group is recreated as a unit, within the restart budget
+            if len(history) >= budget.max_restarts:
+                counts["failed_reason"] = "RestartBudgetExceeded"
+                counts["failed_message"] = (
+                    f"replica group {r} failed again after {len(history)} recreations within {budget.window} "
+                    f"(spec.engine.restartBudget.maxRestarts {budget.max_restarts})")
+                continue
+            history.append({"replica": r, "time": self.now})
+            counts["restarted"] += 1
+            serving.discard(r)
+            self.delete_group(group, live.pods, "a pod failed after start")
+            self.apply(desired[r], None)
+            self.event("RecreatedGroup", f"replica group {r} recreated after a pod failed "
+                                         f"({len(history)}/{budget.max_restarts} in {budget.window})", "Warning")
+        if counts["failed_reason"]:
+            self.event(counts["failed_reason"], counts["failed_message"], "Warning")
+        return counts | {"ready": len(serving), "group_restarts": history}
+
+
+@dataclass
+class _Children:
+    """The live children of one MoEDeployment, by name (pods as a list)."""
+
+    config_maps: dict[str, dict[str, Any]]
+    services: dict[str, dict[str, Any]]
+    pdbs: dict[str, dict[str, Any]]
+    domains: dict[str, dict[str, Any]]
+    groups: dict[str, dict[str, Any]]
+    other_kind_groups: dict[str, dict[str, Any]]
+    pods: list[dict[str, Any]]
+
+
+def _annotation(obj: dict[str, Any], key: str) -> str | None:
+    return ((obj.get("metadata") or {}).get("annotations") or {}).get(key)
 
 
 def reconcile(kube: Kube, body: dict[str, Any], now: str | None = None) -> Outcome:
