@@ -10,6 +10,11 @@ handlers call it from a worker thread, never from the event loop.
   carry the live ``resourceVersion``; a 409 (stale version, or AlreadyExists
   on a create that raced) re-reads the object and tries again.
 * Listing filters labels on the client as well as through ``labelSelector``.
+
+Known limit: a merge patch cannot remove a field the desired object no
+longer has. Replica groups are replaced whole when their hash changes, and
+the other children (Services, PDBs, ConfigMap, ComputeDomains) have no
+optional fields, so nothing the operator writes depends on removal today.
 """
 
 from __future__ import annotations

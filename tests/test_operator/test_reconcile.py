@@ -333,3 +333,21 @@ def test_fuzz_no_spec_crashes_the_reconcile(kube, custom, emulator, example, cha
     assert status["phase"] in ("Failed", "Progressing", "Pending")
     if outcome.invalid is not None:
         assert status["conditions"][0]["message"].startswith("spec") or status["conditions"][0]["message"].startswith("metadata")
+
+
+def test_compute_domain_and_group_kind_changes(kube, custom, emulator, example, check_moed):
+    from support.kube_emulator import COMPUTE_DOMAIN_RESOURCE, LWS_RESOURCE
+
+    emulator.call(lambda em: em.resources.__setitem__(*COMPUTE_DOMAIN_RESOURCE))
+    emulator.call(lambda em: em.resources.__setitem__(*LWS_RESOURCE))
+    domains, lws = "resource.nvidia.com/v1beta1/computedomains", "leaderworkerset.x-k8s.io/v1/leaderworkersets"
+    _create(custom, check_moed(example("tiny-cpu", **{"spec.engine.scheduling": {"computeDomain": True}})))
+    _reconcile(kube, custom)
+    assert sorted(emulator.objects(domains, NS)) == ["tiny-r0"]
+    claim = emulator.objects(STS, NS)["tiny-r0"]["spec"]["template"]["spec"]["resourceClaims"][0]
+    assert claim["resourceClaimTemplateName"] == "tiny-r0-imex"
+    custom.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "tiny", {"spec": {"engine": {
+        "scheduling": {"computeDomain": False}, "groupKind": "LeaderWorkerSet"}}})
+    _reconcile(kube, custom)
+    assert emulator.objects(domains, NS) == {}
+    assert emulator.objects(STS, NS) == {} and sorted(emulator.objects(lws, NS)) == ["tiny-r0"]
