@@ -277,7 +277,7 @@ def build_engine_container(d: Deployment, replica: int) -> dict[str, Any]:
     resources: dict[str, Any] = {"requests": dict(limits), "limits": limits}
     if engine.scheduling.compute_domain:
         resources["claims"] = [{"name": COMPUTE_DOMAIN_CLAIM}]
-    return {
+    container = {
         "name": ENGINE_CONTAINER,
         "image": engine.image,
         "imagePullPolicy": engine.image_pull_policy,
@@ -294,6 +294,14 @@ def build_engine_container(d: Deployment, replica: int) -> dict[str, Any]:
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
     }
+    if c.pods_per_replica == 1:
+        # Only pod 0 runs the HTTP server (/healthz, /readyz; see engine/serving.py), so probes fit a
+        # one-pod group. A multi-pod group shares one template: its pods report ready once running.
+        container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
+                                       "failureThreshold": 3}
+        container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
+                                      "failureThreshold": 6, "initialDelaySeconds": 30}
+    return container
 
 
 def build_group_affinity(d: Deployment, replica: int) -> dict[str, Any] | None:

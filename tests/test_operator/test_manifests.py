@@ -68,6 +68,7 @@ def test_qwen3_on_h100_is_one_pod_of_eight_gpus_per_replica(check_moed):
         assert sts["spec"]["replicas"] == 1
         assert _container(sts)["resources"]["limits"][GPU_RESOURCE] == "8"
         assert "affinity" not in sts["spec"]["template"]["spec"]  # one pod: one node, one NVLink domain
+        assert _container(sts)["readinessProbe"]["httpGet"]["path"] == "/readyz"  # pod 0 serves it
 
 
 def test_group_past_the_hgx_domain_needs_permission_and_gets_no_clique_affinity(check_moed):
