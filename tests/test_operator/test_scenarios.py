@@ -107,7 +107,7 @@ def test_lifecycle_create_update_ep_scale_conflict_delete(start_operator, custom
         assert sorted(emulator.objects(PDB, NS)) == ["tiny-r0"]
 
         # a 409 on the ConfigMap (stale list from a lagging cache) is retried
-        stale_once = _stale_config_map_list(emulator)
+        stale_once = _stale_config_map_list(emulator, decode_batch=9)
         emulator.call(lambda em: em["list", kmock.resource(CM)] << stale_once)
         custom.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "tiny",
                                               {"spec": {"workload": {"decodeBatch": 9}}})
@@ -132,11 +132,15 @@ def test_lifecycle_create_update_ep_scale_conflict_delete(start_operator, custom
         assert emulator.objects(resource, NS) == {}
 
 
-def _stale_config_map_list(emulator):
+def _stale_config_map_list(emulator, decode_batch: int):
+    """A LIST reaction serving the ConfigMaps one resourceVersion old, once, as soon as the
+    MoEDeployment asks for ``decode_batch`` (so a resync racing the edit cannot use it up)."""
     served = []
+    moeds = kmock.resource("moeshard.io/v1alpha1/moedeployments")
 
     def stale_list(request):
-        if served:
+        moed = emulator.emulator.objects[moeds, NS, "tiny"].raw
+        if served or moed["spec"].get("workload", {}).get("decodeBatch") != decode_batch:
             raise NotImplementedError
         served.append(1)
         items = []
