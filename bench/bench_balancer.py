@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32, help="MoE layers per configuration")
     parser.add_argument("--windows", type=int, default=12, help="windows per seed (plans scored on windows 2..)")
-    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2_000_000, help="tokens per window")
     parser.add_argument("--quick", action="store_true", help="one configuration, few windows")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "balancer.json")
