@@ -25,7 +25,6 @@ import copy
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -193,7 +192,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    import faulthandler, os
-    if os.environ.get("BENCH_DEBUG"):
-        faulthandler.dump_traceback_later(int(os.environ["BENCH_DEBUG"]), exit=True)
     sys.exit(main())

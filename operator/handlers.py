@@ -2,7 +2,7 @@
 
 Two layers:
 
-* ``reconcile(kube, body, config, now)``: the whole reconcile of one
+* ``reconcile(kube, body, now)``: the whole reconcile of one
   MoEDeployment, synchronous, over the apply layer (kube.py). It never raises
   for a bad spec: it writes a Planned=False condition naming the field and
   returns the Events to post. Tests and the fuzz call it directly.
@@ -22,7 +22,7 @@ Reconcile steps:
      missing group; recreate a group whose pod failed after start (restart
      budget permitting); roll an outdated group (new EP/TP/image) only while
      the other ready groups keep capacity >= replicas - maxUnavailable;
-  5. delete the groups at index >= replicas (scale down);
+  5. delete everything of the groups at index >= replicas (scale down);
   6. write status (only when it changed).
 """
 
@@ -38,7 +38,7 @@ from typing import Any
 import kopf
 
 from . import naming
-from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError, parse_duration, parse_resource
+from .api import API_VERSION, GROUP, PLURAL, VERSION, SpecError, parse_duration, parse_resource
 from .kube import Kube, KubeError, kube_from_config
 from .manifests import (
     HASH_ANNOTATION, KINDS, LWS_API_VERSION, Deployment, build_compute_domain, build_config_map,
@@ -48,8 +48,6 @@ from .manifests import (
 from .placement import PLACEMENT_KEY, PlacementError, parse_placement
 from .planner import plan_for_spec
 from .status import Observation, compute_status, status_changed
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -433,6 +431,7 @@ async def delete_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         await _reconcile_now(body, memo, cleanup)
     except KubeError as exc:
         raise kopf.TemporaryError(str(exc), delay=_config(memo).error_delay_seconds) from exc
+    memo.locks.pop(body["metadata"]["uid"], None)
 
 
-__all__ = ["KIND", "OperatorConfig", "Outcome", "cleanup", "reconcile"]
+__all__ = ["OperatorConfig", "Outcome", "cleanup", "reconcile"]

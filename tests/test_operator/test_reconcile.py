@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 
 from moeshard.operator.handlers import cleanup, reconcile
 from moeshard.operator.kube import KubeError
-from moeshard.operator.manifests import HASH_ANNOTATION
 from moeshard.operator.placement import parse_placement
 
 NS = "test"

@@ -13,7 +13,6 @@ import threading
 from typing import Any
 
 import kmock
-import pytest
 
 from support.kube_emulator import wait_for
 
