@@ -184,3 +184,26 @@ def test_bad_input_names_the_field(call, field):
 def test_check_loads_accepts_integers_and_returns_float():
     arr = check_loads([[1, 2], [3, 4]])
     assert arr.dtype == np.float64 and arr.shape == (2, 2)
+
+
+def test_new_replica_prefers_another_nvlink_domain():
+    """One hot expert, one spare slot, two domains of two GPUs: its second replica leaves domain 0."""
+    loads = np.array([[100.0, 10, 10, 10, 10, 10, 10]])
+    plan = rebalance_placement(loads, 4, 2, 2).placement
+    gpus = np.flatnonzero(plan.phy2log[0] == 0) // 2
+    assert gpus.size == 2
+    assert len(set((gpus // 2).tolist())) == 2, gpus  # one replica per domain
+
+
+def test_pinned_maximum_still_evens_the_next_gpus():
+    """No spare slots and one expert heavier than a GPU's fair share: the maximum cannot move,
+    but the swaps keep going on the next-heaviest GPUs (what the next window's maximum is made of)."""
+    rng = np.random.default_rng(5)
+    loads = zipf_loads(rng, 4, 32)
+    loads[:, 0] = loads.sum(axis=1) / 4  # expert 0 alone exceeds the mean GPU load of 8 GPUs
+    live = initial_placement(4, 32, 8, 4)
+    plan = rebalance_placement(loads, 8, 4, None, live, BalancerOptions(max_moves=32)).placement
+    before, after = np.sort(gpu_loads(live, loads), axis=1), np.sort(gpu_loads(plan, loads), axis=1)
+    assert (after[:, -1] >= loads[:, 0]).all() and (after[:, -1] <= before[:, -1] + 1e-6).all()
+    assert (after[:, -2] < before[:, -2]).all()  # the runner-up GPU came down
+    assert (after[:, :-1].std(axis=1) < before[:, :-1].std(axis=1)).all()  # the rest are more even
