@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .placement import Placement, PlacementError, placement_from_arrays
+from .placement import Placement, PlacementError, gpu_loads, placement_from_arrays
 
 DOMAIN_PENALTY = 0.01  # of the mean GPU load: how much balance a domain-spread tie-break may cost
 
@@ -258,8 +258,7 @@ def _replica_table(phy2log: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return table
 
 
-def _level_shares(state: _State, table: np.ndarray, sweeps: int, spread: float = 0.0,
-                  layers: np.ndarray | None = None) -> None:
+def _level_shares(state: _State, table: np.ndarray, sweeps: int, spread: float = 0.0) -> None:
     """Level every replicated expert's load over its GPUs, ``sweeps`` Gauss-Seidel passes.
 
     For one expert with total w and its GPUs' loads without it b_1..b_c this
@@ -269,11 +268,10 @@ def _level_shares(state: _State, table: np.ndarray, sweeps: int, spread: float =
     (water-filling). spread = 0 levels the GPUs exactly on this window's load;
     spread > 0 keeps some of the even split, whose smaller per-GPU variance
     pays off on the next window. Two replicas on one GPU (only when
-    unavoidable) count once: the second gets share 0. ``layers``: the subset
-    to level (all when None).
+    unavoidable) count once: the second gets share 0. table [L, R, C]: the
+    slots of every replicated expert (``_replica_table``).
     """
-    layers = np.arange(table.shape[0]) if layers is None else layers
-    _level_table(state, table[layers], layers, sweeps, spread)
+    _level_table(state, table, np.arange(table.shape[0]), sweeps, spread)
 
 
 def _color_experts(gpu: np.ndarray, valid: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -568,6 +566,7 @@ def rebalance_placement(
 
 
 def _reset_even(state: _State, loads: np.ndarray) -> None:
+    """Every replica takes an equal share of its expert's load (EPLB's split)."""
     num_layers = loads.shape[0]
     state.x = np.take_along_axis(loads / state.counts, state.phy2log, axis=1)
     state.gpu_load = state.x.reshape(num_layers, -1, state.slots_per_gpu).sum(axis=2)
@@ -602,8 +601,6 @@ def _check_previous(previous: Placement, loads: np.ndarray, num_gpus: int, slots
 
 def max_mean(placement: Placement, loads: np.ndarray) -> np.ndarray:
     """[L] max/mean GPU load of each layer under ``placement`` (1.0 for an idle layer)."""
-    from .placement import gpu_loads
-
     per_gpu = gpu_loads(placement, loads)
     mean = per_gpu.mean(axis=1)
     return np.where(mean > 0, per_gpu.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
