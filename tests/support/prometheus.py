@@ -4,8 +4,8 @@
 on PATH, at /usr/bin/prometheus, or at $MOESHARD_PROMETHEUS) on 127.0.0.1 with
 a free port, a temporary TSDB and a 1 s scrape interval. ``ExpertCountsExporter``
 is a prometheus_client HTTP server on 127.0.0.1 whose
-``moeshard_expert_tokens_total`` counters (with the scope labels) advance in
-a background thread by ``rate`` tokens per second split by ``shares``.
+``moeshard_expert_tokens_total`` counters (with the scope labels) advance by
+``rate`` tokens per second split by ``shares``.
 
 Prometheus is ready in a fraction of a second, but ``increase()`` needs two
 scrapes inside the window, so the first non-empty answer comes after about
@@ -18,14 +18,14 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 from moeshard.operator.naming import METRIC_EXPERT_TOKENS, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, SCOPE_REPLICA
 
@@ -52,28 +52,37 @@ class ExpertCountsExporter:
     """Serves ``moeshard_expert_tokens_total{deployment, namespace, replica, layer, expert}`` over HTTP.
 
     shares [L, E]: fraction of each layer's tokens per expert (rows sum to 1).
-    ``omit``: (layer, expert) series never created (partial data).
+    The counters advance by ``rate`` tokens per second split by ``shares``,
+    computed at scrape time from the elapsed time, so every scrape sees all
+    series at the same instant (no half-applied tick skews a ratio).
+    ``omit``: (layer, expert) series never exported (partial data).
     """
 
     def __init__(self, deployment: str, namespace: str, shares: np.ndarray, rate: float = 10000.0,
-                 omit: set[tuple[int, int]] | None = None, tick_s: float = 0.2):
+                 omit: set[tuple[int, int]] | None = None):
         self.deployment, self.namespace = deployment, namespace
         self.shares = np.asarray(shares, dtype=float)
-        self.rate, self.omit, self.tick_s = rate, omit or set(), tick_s
+        self.rate, self.omit = rate, omit or set()
         self.registry = CollectorRegistry()
-        self.counter = Counter(
-            METRIC_EXPERT_TOKENS.removesuffix("_total"), "Tokens routed to each logical expert.",
-            (SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, SCOPE_REPLICA, "layer", "expert"), registry=self.registry,
-        )
-        layers, experts = self.shares.shape
-        self.children = {
-            (l, e): self.counter.labels(deployment, namespace, "0", str(l), str(e))
-            for l in range(layers) for e in range(experts) if (l, e) not in self.omit
-        }
+        self.registry.register(self)
         self.port = free_port()
-        self._stop = threading.Event()
+        self._start = time.monotonic()
         self._server = None
-        self._thread: threading.Thread | None = None
+
+    def collect(self):
+        """The prometheus_client collector protocol: one counter family, every (layer, expert) series."""
+        family = CounterMetricFamily(
+            METRIC_EXPERT_TOKENS.removesuffix("_total"), "Tokens routed to each logical expert.",
+            labels=(SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, SCOPE_REPLICA, "layer", "expert"),
+        )
+        tokens = self.rate * (time.monotonic() - self._start) * self.shares
+        layers, experts = self.shares.shape
+        for layer in range(layers):
+            for expert in range(experts):
+                if (layer, expert) not in self.omit:
+                    family.add_metric([self.deployment, self.namespace, "0", str(layer), str(expert)],
+                                      float(tokens[layer, expert]))
+        yield family
 
     @property
     def target(self) -> str:
@@ -81,20 +90,9 @@ class ExpertCountsExporter:
 
     def start(self) -> "ExpertCountsExporter":
         self._server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
-        self._thread = threading.Thread(target=self._run, name=f"exporter-{self.deployment}", daemon=True)
-        self._thread.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.tick_s):
-            tokens = self.rate * self.tick_s * self.shares
-            for key, child in self.children.items():
-                child.inc(float(tokens[key]))
-
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
