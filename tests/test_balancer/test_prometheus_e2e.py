@@ -310,3 +310,25 @@ def test_operator_daemon_rebalances_on_its_interval(prometheus, cluster):
             initial_placement(LAYERS, EXPERTS, GPUS, SLOTS), skewed_shares()) - 0.15
     finally:
         operator.stop()
+
+
+def test_balance_once_disabled_and_missing_config_map(cluster):
+    from moeshard.operator.balancer_handlers import balance_once, interval_seconds
+
+    _, kube = cluster
+    url = f"http://127.0.0.1:{free_port()}"
+    body = moed(url)
+    body["spec"]["loadBalancing"]["enabled"] = False
+    body = create_with_config_map(kube, body, initial_placement(LAYERS, EXPERTS, GPUS, SLOTS))
+    run = balance_once(kube, body)
+    assert run.action == "skipped" and "enabled is false" in run.why
+    balanced = {c["type"]: c for c in live_status(kube, "skewed")["conditions"]}["Balanced"]
+    assert (balanced["status"], balanced["reason"]) == ("False", "Disabled")
+    assert live_placement(kube, "skewed").version == 0
+    # A deployment whose ConfigMap the reconciler has not written yet: nothing to do, nothing written.
+    other = kube.request("POST", f"/apis/moeshard.io/v1alpha1/namespaces/{NAMESPACE}/moedeployments",
+                         moed(url, name="fresh"))
+    run = balance_once(kube, other)
+    assert run.action == "skipped" and "no placement.json yet" in run.why
+    assert live_status(kube, "fresh") == {}
+    assert interval_seconds(other["spec"]) == 60.0 and interval_seconds({"loadBalancing": {"interval": "x"}}) == 300.0
