@@ -365,7 +365,6 @@ def _post(body: Any, events: list[tuple[str, str, str]]) -> None:
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
 
 
-@kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Apply the OperatorConfig to kopf's settings; open the API client."""
     config = _config(memo)
@@ -394,9 +393,6 @@ async def _reconcile_now(body: Any, memo: kopf.Memo, fn: Any = reconcile) -> Out
     return outcome
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def reconcile_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Create, update (spec only; /scale lands here too) and resume: reconcile at once."""
     try:
@@ -407,7 +403,6 @@ async def reconcile_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         raise kopf.PermanentError(str(outcome.invalid))
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=1.0, cancellation_timeout=5.0)
 async def resync(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     """Re-reconcile every progress_seconds until settled, then every resync_seconds."""
     config = _config(memo)
@@ -424,7 +419,6 @@ async def resync(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, 
         delay = config.resync_seconds if (outcome.settled or outcome.invalid) else config.progress_seconds
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
 async def delete_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Delete the children before the finalizer goes (the emulator and some GitOps flows have no GC)."""
     try:
@@ -434,4 +428,22 @@ async def delete_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.locks.pop(body["metadata"]["uid"], None)
 
 
-__all__ = ["OperatorConfig", "Outcome", "cleanup", "reconcile"]
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Register the handlers above with ``registry``.
+
+    Importing this module registers them with kopf's default registry (what
+    ``moeshard operator`` runs); tests call it on a fresh registry so that no
+    other module's handlers run beside these.
+    """
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)(reconcile_handler)
+    kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)(reconcile_handler)
+    kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)(reconcile_handler)
+    kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=1.0, cancellation_timeout=5.0,
+                registry=registry)(resync)
+    kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)(delete_handler)
+
+
+register(kopf.get_default_registry())
+
+__all__ = ["OperatorConfig", "register", "Outcome", "cleanup", "reconcile"]

@@ -418,14 +418,14 @@ class EmulatorThread:
 class OperatorThread:
     """The real kopf operator (``kopf.operator``) in a background thread with its own event loop.
 
-    Handlers come from kopf's default registry (import the handler modules
-    first). ``stop()`` sets kopf's stop flag and waits for a clean exit.
+    Handlers come from ``registry`` (kopf's default registry when None). ``stop()`` sets kopf's stop flag and waits for a clean exit.
     """
 
     def __init__(self, *, namespaces: list[str], memo: Any = None, settings: Any = None,
-                 standalone: bool = True, peering_name: str | None = None, priority: int = 0):
+                 standalone: bool = True, peering_name: str | None = None, priority: int = 0,
+                 registry: Any = None):
         self.kwargs = dict(namespaces=namespaces, memo=memo, settings=settings, standalone=standalone,
-                           peering_name=peering_name, priority=priority)
+                           peering_name=peering_name, priority=priority, registry=registry)
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.error: BaseException | None = None

@@ -18,8 +18,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from moeshard.operator import handlers  # noqa: F401  (registers the kopf handlers)
-from moeshard.operator.handlers import OperatorConfig
+from moeshard.operator.handlers import OperatorConfig, register
 from moeshard.operator.kube import Kube
 from moeshard.operator.manifests import CUSTOM_KINDS
 from support.kube_emulator import EmulatorThread, KubeEmulator, OperatorThread
@@ -132,7 +131,10 @@ def start_operator(kubeconfig: str) -> Iterator[Callable[..., OperatorThread]]:
         settings.queueing.exit_timeout = 2.0
         settings.watching.reconnect_backoff = 0.05
         memo = kopf.Memo(config=overrides.pop("config", FAST))
-        op = OperatorThread(namespaces=[NAMESPACE], memo=memo, settings=settings, **overrides)
+        registry = kopf.OperatorRegistry()  # only this module's handlers, whatever else was imported
+        register(registry)
+        kopf.on.login(registry=registry)(kopf.login_via_client)  # the default registry has it built in
+        op = OperatorThread(namespaces=[NAMESPACE], memo=memo, settings=settings, registry=registry, **overrides)
         started.append(op)
         return op.start()
 
