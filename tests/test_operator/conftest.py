@@ -1,5 +1,9 @@
 """Fixtures: the kube emulator over HTTP, a kubeconfig pointing at it, the official client, kopf.
 
+kopf runs in a thread with its own event loop (``OperatorThread``), not in the
+test's loop, so looptime does not apply; the fast settings below (0.2 s
+between re-reconciles while progressing) keep its timers cheap instead.
+
 Every MoEDeployment a test sends is checked against the CRD's own
 openAPIV3Schema first (the emulator does not validate), and every built-in
 object the operator wrote can be checked with kubernetes-validate.

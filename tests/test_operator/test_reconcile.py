@@ -190,6 +190,10 @@ def test_scale_down_and_up_through_the_scale_subresource(kube, custom, emulator,
     assert sorted(emulator.objects(STS, NS)) == ["tiny-r0", "tiny-r1"]
     scale = custom.get_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "tiny")
     assert scale["status"]["replicas"] == 2 and "moeshard.io/deployment=tiny" in scale["status"]["selector"]
+    custom.patch_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "tiny", {"spec": {"replicas": 0}})
+    status = _settle(kube, custom, emulator)  # zero groups is a settled, Ready deployment
+    assert emulator.objects(STS, NS) == {} and status["replicas"] == 0
+    assert sorted(emulator.objects(SVC, NS)) == ["tiny"] and sorted(emulator.objects(CM, NS)) == ["tiny-config"]
 
 
 @pytest.mark.parametrize("change, field", [
