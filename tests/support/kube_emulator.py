@@ -266,9 +266,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         elif self._has_status(request.resource):
             patch.pop("status", None)
         merged = kmock_dicts.patch_dict(live, patch)
-        meta_patch = patch.setdefault("metadata", {}) if isinstance(patch.get("metadata"), dict) else None
-        if meta_patch is None:
-            meta_patch = patch["metadata"] = {}
+        if not isinstance(patch.get("metadata"), dict):
+            patch["metadata"] = {}
+        meta_patch = patch["metadata"]
         meta_patch["resourceVersion"] = self._next_version()
         body_changed = any(merged.get(k) != live.get(k) for k in set(merged) | set(live)
                            if k not in ("metadata", "status"))
