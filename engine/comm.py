@@ -52,10 +52,19 @@ class CommStats:
     world_size: int
     link_bytes: dict[str, int] = field(default_factory=lambda: {c: 0 for c in LINK_CLASSES})
     rank_tokens: list[int] = field(default_factory=list)  # [W] token rows dispatched to each final rank
+    rank_pairs: list[int] = field(default_factory=list)  # [W] (token, expert) pairs computed by each rank
 
     def __post_init__(self) -> None:
         if not self.rank_tokens:
             self.rank_tokens = [0] * self.world_size
+        if not self.rank_pairs:
+            self.rank_pairs = [0] * self.world_size
+
+    def add_pairs(self, dest_rank: torch.Tensor) -> None:
+        """Count this rank's (token, expert) pairs by the rank that computes them (the GEMM load)."""
+        counts = torch.bincount(dest_rank[dest_rank >= 0].reshape(-1), minlength=self.world_size)
+        for r, n in enumerate(counts.tolist()):
+            self.rank_pairs[r] += n
 
 
 @dataclass
@@ -181,6 +190,7 @@ class FlatAllToAll(AllToAll):
         self._count(send_counts, row_bytes)
         for r, n in enumerate(send_counts):
             self.stats.rank_tokens[r] += n
+        self.stats.add_pairs(dest_rank)
         return recv_x, recv_slot, recv_w, _FlatHandle(ex, row_token, x.shape[0])
 
     def combine(self, y, handle: _FlatHandle):
@@ -253,6 +263,7 @@ class HierarchicalAllToAll(AllToAll):
         _, _, final_counts = dedup_rows(dest_rank, p.world_size)
         for r, n in enumerate(final_counts.tolist()):
             self.stats.rank_tokens[r] += n
+        self.stats.add_pairs(dest_rank)
         handle = _HierHandle(ex1, row_token, x.shape[0], ex2, row_src, fwd_x.shape[0])
         return recv_x, recv_slot, recv_w, handle
 

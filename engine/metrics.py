@@ -29,6 +29,7 @@ from moeshard.operator.naming import (
     METRIC_EXPERT_TOKENS,
     METRIC_PLACEMENT_REJECTED,
     METRIC_PLACEMENT_VERSION,
+    METRIC_RANK_PAIRS,
     METRIC_RANK_TOKENS,
     METRIC_REQUEST_LATENCY,
     SCOPE_DEPLOYMENT,
@@ -82,6 +83,11 @@ class EngineMetrics:
             METRIC_RANK_TOKENS, "Token rows dispatched to each rank's experts (one per token and destination rank), summed over the group.",
             (*_SCOPE_NAMES, "rank"), registry=self.registry,
         )
+        self._rank_pairs = Counter(
+            METRIC_RANK_PAIRS, "(token, expert) pairs computed by each rank's experts, summed over the group: "
+            "the expert GEMM load the balancer evens out.",
+            (*_SCOPE_NAMES, "rank"), registry=self.registry,
+        )
         self._latency = Histogram(
             METRIC_REQUEST_LATENCY, "Completion request latency, from arrival on rank 0 to the response.",
             _SCOPE_NAMES, buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -101,6 +107,7 @@ class EngineMetrics:
             for layer in range(num_layers)
         ]
         self._rank_children = [self._rank_tokens.labels(*scope_values, str(rank)) for rank in range(world_size)]
+        self._pair_children = [self._rank_pairs.labels(*scope_values, str(rank)) for rank in range(world_size)]
         self._latency_child = self._latency.labels(*scope_values)
         self._version_child = self._version.labels(*scope_values)
         self._rejected_child = self._rejected.labels(*scope_values)
@@ -126,6 +133,16 @@ class EngineMetrics:
             raise ValueError("rank token delta has negative entries: counters only increase")
         for rank in np.nonzero(delta)[0]:
             self._rank_children[rank].inc(float(delta[rank]))
+
+    def add_rank_pairs(self, delta: np.ndarray) -> None:
+        """Add per-rank (token, expert) pair counts ``delta`` [W]."""
+        delta = np.asarray(delta)
+        if delta.shape != (self.world_size,):
+            raise ValueError(f"rank pair delta has shape {delta.shape}, expected {(self.world_size,)}")
+        if np.any(delta < 0):
+            raise ValueError("rank pair delta has negative entries: counters only increase")
+        for rank in np.nonzero(delta)[0]:
+            self._pair_children[rank].inc(float(delta[rank]))
 
     def observe_request_latency(self, seconds: float) -> None:
         self._latency_child.observe(seconds)

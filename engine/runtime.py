@@ -78,6 +78,9 @@ def load_tokenizer(model_dir: str | Path):
         return None
 
 
+KEY_MODULUS = 2**31  # token keys stay below 2^31 so the 32-bit replica hash never sees an overflowing product
+
+
 class EngineRuntime:
     """One rank: its share of the model, its process groups and its counters."""
 
@@ -98,6 +101,11 @@ class EngineRuntime:
                                            dtype=dtype)
         self.placement = placement
         self.placement_version = placement.version
+        # Tokens the group has stepped through so far; every rank runs the same steps,
+        # so all agree on it. It offsets the token keys that pick an expert's replica:
+        # a key that restarted at 0 every step would send every single-token decode
+        # step of an expert to the same replica and ignore the shares.
+        self._tokens_seen = 0
         self.tokenizer_or_none = load_tokenizer(model_dir)
 
     # -- construction ---------------------------------------------------------
@@ -130,7 +138,9 @@ class EngineRuntime:
         offsets = np.concatenate([[0], np.cumsum([len(new_tokens[j]) for j in range(len(active))])])
         dev = self.device
         tokens = [tok for j in mine for tok in new_tokens[j]]
-        keys = [k for j in mine for k in range(int(offsets[j]), int(offsets[j + 1]))]
+        base = self._tokens_seen
+        keys = [base + k for j in mine for k in range(int(offsets[j]), int(offsets[j + 1]))]
+        self._tokens_seen = (base + int(offsets[-1])) % KEY_MODULUS
         step = StepBatch(
             cache_rows=torch.tensor([cache_row[active[j]] for j in mine], dtype=torch.int64, device=dev),
             past_lens=torch.tensor([past[j] for j in mine], dtype=torch.int64, device=dev),
@@ -220,6 +230,10 @@ class EngineRuntime:
     def rank_token_counts(self) -> np.ndarray:
         """[W] int64: token rows this rank dispatched to each rank (deduplicated) since start."""
         return np.asarray(self.comm.stats.rank_tokens, dtype=np.int64)
+
+    def rank_pair_counts(self) -> np.ndarray:
+        """[world] (token, expert) pairs of this rank's tokens computed by each rank since start."""
+        return np.asarray(self.comm.stats.rank_pairs, dtype=np.int64)
 
     def link_bytes(self) -> dict[str, int]:
         """Cumulative dispatch + combine activation bytes this rank sent, by link class."""

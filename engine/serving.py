@@ -426,6 +426,8 @@ class Runtime(Protocol):
 
     def rank_token_counts(self) -> np.ndarray: ...
 
+    def rank_pair_counts(self) -> np.ndarray: ...
+
     def apply_placement(self, placement: Any) -> None: ...
 
 
@@ -458,6 +460,7 @@ class StepLoop:
         self.generate_calls = 0
         self._last_experts = np.asarray(runtime.expert_token_counts(), dtype=np.int64)
         self._last_ranks = np.asarray(runtime.rank_token_counts(), dtype=np.int64)
+        self._last_pairs = np.asarray(runtime.rank_pair_counts(), dtype=np.int64)
         if self.leader and queue is None:
             raise ValueError("rank 0 leads the step loop and needs the request queue")
 
@@ -535,12 +538,15 @@ class StepLoop:
     def _publish_counts(self) -> None:
         experts = np.asarray(self.runtime.expert_token_counts(), dtype=np.int64)
         ranks = np.asarray(self.runtime.rank_token_counts(), dtype=np.int64)
-        delta = np.concatenate([(experts - self._last_experts).ravel(), ranks - self._last_ranks])
-        self._last_experts, self._last_ranks = experts, ranks
+        pairs = np.asarray(self.runtime.rank_pair_counts(), dtype=np.int64)
+        delta = np.concatenate([(experts - self._last_experts).ravel(), ranks - self._last_ranks,
+                                pairs - self._last_pairs])
+        self._last_experts, self._last_ranks, self._last_pairs = experts, ranks, pairs
         total = self.channel.reduce_sum(delta)
         if self.leader and self.metrics is not None:
             self.metrics.add_expert_tokens(total[: experts.size].reshape(experts.shape))
-            self.metrics.add_rank_tokens(total[experts.size:])
+            self.metrics.add_rank_tokens(total[experts.size: experts.size + ranks.size])
+            self.metrics.add_rank_pairs(total[experts.size + ranks.size:])
 
     def _complete(self, batch: Sequence[PendingRequest], outputs: Sequence[Sequence[int]]) -> None:
         start = 0

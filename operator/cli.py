@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "operator": "moeshard.operator.commands.run_operator",
     "balance": "moeshard.operator.commands.balance",
     "engine": "moeshard.engine.cli",
+    "demo": "moeshard.operator.commands.demo",
 }
 
 

@@ -18,7 +18,8 @@ FINALIZER = f"{GROUP}/cleanup"
 
 # Metrics exported by the engine (moeshard.engine) and read by the balancer.
 METRIC_EXPERT_TOKENS = "moeshard_expert_tokens_total"  # counter {layer, expert} + the scope labels below
-METRIC_RANK_TOKENS = "moeshard_rank_tokens_total"  # counter {rank}
+METRIC_RANK_TOKENS = "moeshard_rank_tokens_total"  # counter {rank}: token rows received (dispatch traffic)
+METRIC_RANK_PAIRS = "moeshard_rank_expert_pairs_total"  # counter {rank}: (token, expert) pairs computed (GEMM load)
 METRIC_REQUEST_LATENCY = "moeshard_request_latency_seconds"  # histogram
 METRIC_PLACEMENT_VERSION = "moeshard_placement_version"  # gauge
 METRIC_PLACEMENT_REJECTED = "moeshard_placement_rejected_total"  # counter: invalid placement files refused

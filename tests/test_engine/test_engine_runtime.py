@@ -238,3 +238,21 @@ def test_batch_matches_transformers_padded_batch(tiny_checkpoint, arch):
         rt.close()
     for i, p in enumerate(prompts):
         assert (logits[i, : len(p)] - want_logits[i, : len(p)]).abs().max() <= 1e-4
+
+
+def test_token_keys_never_repeat_across_steps(qwen_runtime):
+    """Replica choice hashes (token key, expert): keys that restarted every step would send
+    every single-token decode step of an expert to one replica, whatever the shares say."""
+    seen = []
+    moe = qwen_runtime.model.layers[0].moe
+    original = moe.forward
+
+    def recording(x, token_keys):
+        seen.extend(token_keys.tolist())
+        return original(x, token_keys)
+
+    moe.forward = recording
+    qwen_runtime.generate([[5, 6, 7], [9]], 6)  # prefill, then 5 decode steps of 2 tokens
+    qwen_runtime.generate([[11]], 4)
+    assert len(seen) == (3 + 1) + 5 * 2 + 1 + 3
+    assert len(set(seen)) == len(seen)

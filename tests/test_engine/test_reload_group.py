@@ -47,6 +47,9 @@ WORKER = textwrap.dedent(
         def rank_token_counts(self):
             return np.zeros(2, dtype=np.int64)
 
+        def rank_pair_counts(self):
+            return np.zeros(2, dtype=np.int64)
+
     runtime = Runtime()
     path = f"{folder}/rank{rank}.json"
     watcher = PlacementWatcher(path, runtime.placement, poll_interval=0.0)

@@ -86,6 +86,9 @@ class FakeRuntime:
     def rank_token_counts(self):
         return np.array([self.counts[0].sum() // TOP_K])
 
+    def rank_pair_counts(self):
+        return np.array([self.counts[0].sum()])
+
     def apply_placement(self, placement):
         self.applied.append(placement.version)
         self.placement = placement

@@ -32,6 +32,7 @@ from moeshard.operator.naming import (
     METRIC_EXPERT_TOKENS,
     METRIC_PLACEMENT_REJECTED,
     METRIC_PLACEMENT_VERSION,
+    METRIC_RANK_PAIRS,
     METRIC_RANK_TOKENS,
     METRIC_REQUEST_LATENCY,
 )
@@ -192,6 +193,11 @@ def test_completions_equal_the_model_and_metrics_count_tokens_times_top_k(group)
     ranks = {dict(items)["rank"] for (name, items) in after if name == METRIC_RANK_TOKENS}
     assert experts == {str(e) for e in range(EXPERTS)} and ranks == {str(r) for r in range(NPROC)}
     assert metric(after, METRIC_RANK_TOKENS) > metric(before, METRIC_RANK_TOKENS)
+    # Pairs computed per rank: over the ranks, every (position, k) of every MoE layer once.
+    pairs = metric(after, METRIC_RANK_PAIRS) - metric(before, METRIC_RANK_PAIRS)
+    assert pairs == positions * TOP_K * LAYERS
+    # A token row carries one or more pairs: rows <= pairs.
+    assert metric(after, METRIC_RANK_TOKENS) - metric(before, METRIC_RANK_TOKENS) <= pairs
     count = METRIC_REQUEST_LATENCY + "_count"
     assert metric(after, count) - metric(before, count) == 3
     scope = {"moeshard_deployment": "local", "moeshard_namespace": "default", "moeshard_replica": "0"}
