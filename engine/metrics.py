@@ -125,24 +125,21 @@ class EngineMetrics:
             self._expert_children[layer][expert].inc(float(delta[layer, expert]))
 
     def add_rank_tokens(self, delta: np.ndarray) -> None:
-        """Add per-rank token counts ``delta`` [W]."""
-        delta = np.asarray(delta)
-        if delta.shape != (self.world_size,):
-            raise ValueError(f"rank token delta has shape {delta.shape}, expected {(self.world_size,)}")
-        if np.any(delta < 0):
-            raise ValueError("rank token delta has negative entries: counters only increase")
-        for rank in np.nonzero(delta)[0]:
-            self._rank_children[rank].inc(float(delta[rank]))
+        """Add per-rank token-row counts ``delta`` [W]."""
+        self._add_per_rank(self._rank_children, delta, "rank token")
 
     def add_rank_pairs(self, delta: np.ndarray) -> None:
         """Add per-rank (token, expert) pair counts ``delta`` [W]."""
+        self._add_per_rank(self._pair_children, delta, "rank pair")
+
+    def _add_per_rank(self, children: list, delta: np.ndarray, what: str) -> None:
         delta = np.asarray(delta)
         if delta.shape != (self.world_size,):
-            raise ValueError(f"rank pair delta has shape {delta.shape}, expected {(self.world_size,)}")
+            raise ValueError(f"{what} delta has shape {delta.shape}, expected {(self.world_size,)}")
         if np.any(delta < 0):
-            raise ValueError("rank pair delta has negative entries: counters only increase")
+            raise ValueError(f"{what} delta has negative entries: counters only increase")
         for rank in np.nonzero(delta)[0]:
-            self._pair_children[rank].inc(float(delta[rank]))
+            children[rank].inc(float(delta[rank]))
 
     def observe_request_latency(self, seconds: float) -> None:
         self._latency_child.observe(seconds)

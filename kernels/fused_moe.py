@@ -55,6 +55,17 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _grouped_tile(pid, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of program ``pid``: GROUP_M row blocks side by side share weight tiles in L2."""
+    group = pid // (GROUP_M * num_blocks_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_blocks_n)) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
 def _expert_gate_up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, 2I, H]
@@ -79,13 +90,7 @@ def _expert_gate_up_kernel(
 ):
     # 1. Tile coordinates, GROUP_M slot-blocks side by side so that weight
     #    tiles are reused from L2.
-    pid = tl.program_id(0)
-    num_blocks_n = tl.cdiv(inter, BLOCK_N)
-    group = pid // (GROUP_M * num_blocks_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_blocks_n)) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     # 2. Blocks past the padded length have nothing to do.
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
@@ -144,14 +149,8 @@ def _expert_down_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_blocks_n = tl.cdiv(hidden, BLOCK_N)
-    group = pid // (GROUP_M * num_blocks_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_blocks_n)) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
