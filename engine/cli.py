@@ -74,6 +74,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--layers", type=int, default=2)
     t.set_defaults(_engine_run=_run_make_tiny)
 
+    f = sub.add_parser("fetch", help="download a hf:// checkpoint into a folder (the pods' init container)")
+    f.add_argument("--uri", required=True, help="hf://ORG/NAME")
+    f.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    f.add_argument("--out", required=True, help="model folder (kept when it already holds a complete checkpoint)")
+    f.set_defaults(_engine_run=_run_fetch)
+
     serving = _serving_cli()
     if serving is not None:
         s = sub.add_parser("serve", help="run one engine rank from the MOESHARD_* environment")
@@ -94,6 +100,13 @@ def _run_verify(args: argparse.Namespace) -> int:
     )
     print(report_json(report))
     return 0 if report["ok"] else 1
+
+
+def _run_fetch(args: argparse.Namespace) -> int:
+    from moeshard.engine.fetch import fetch_checkpoint
+
+    fetch_checkpoint(args.uri, args.out, args.revision)
+    return 0
 
 
 def _run_make_tiny(args: argparse.Namespace) -> int:

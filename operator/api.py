@@ -91,6 +91,10 @@ class WeightsSource(_Section):
         pattern=r"^(hf://[^/]+/[^/]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*)$",
     )
     revision: str | None = Field(None, description="Revision (branch, tag or commit) for hf:// sources.")
+    token_secret: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Secret in the deployment's namespace whose key HF_TOKEN is used to download gated hf:// repos.",
+    )
 
 
 class ModelSpec(_Section):

@@ -49,6 +49,7 @@ COMPUTE_DOMAIN_API_VERSION = "resource.nvidia.com/v1beta1"
 COMPUTE_DOMAIN_CLAIM = "compute-domain"
 ENGINE_CONTAINER = "engine"
 ENGINE_COMMAND = ["moeshard", "engine", "serve"]
+FETCH_COMMAND = ["moeshard", "engine", "fetch"]
 COMPONENT_ENGINE = "engine"
 COMPONENT_CONFIG = "config"
 COMPONENT_SERVICE = "service"
@@ -236,7 +237,7 @@ def rendezvous_host(d: Deployment, replica: int) -> str:
 def _model_volume(spec: MoEDeploymentSpec) -> dict[str, Any]:
     weights = spec.model.weights
     if weights is None or weights.uri.startswith("hf://"):
-        # The engine fills the folder itself (hf://) or builds a model from its config (no weights).
+        # hf://: an init container downloads into it (build_fetch_container).
         return {"name": "model", "emptyDir": {}}
     if weights.uri.startswith("pvc://"):
         claim = weights.uri.removeprefix("pvc://").split("/", 1)[0]
@@ -255,6 +256,30 @@ def _model_mount(spec: MoEDeploymentSpec) -> dict[str, Any]:
     elif weights is not None and weights.uri.startswith("file://"):
         mount["readOnly"] = True
     return mount
+
+
+def build_fetch_container(d: Deployment) -> dict[str, Any] | None:
+    """Init container downloading hf:// weights into the model volume (None for other sources)."""
+    weights = d.spec.model.weights
+    if weights is None or not weights.uri.startswith("hf://"):
+        return None
+    command = [*FETCH_COMMAND, "--uri", weights.uri, "--out", MODEL_MOUNT]
+    if weights.revision:
+        command += ["--revision", weights.revision]
+    container: dict[str, Any] = {
+        "name": "fetch-weights",
+        "image": d.spec.engine.image,
+        "imagePullPolicy": d.spec.engine.image_pull_policy,
+        "command": command,
+        "env": [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+    }
+    if weights.token_secret:
+        container["env"].append({
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": weights.token_secret, "key": "HF_TOKEN"}},
+        })
+    return container
 
 
 def build_engine_container(d: Deployment, replica: int) -> dict[str, Any]:
@@ -339,6 +364,9 @@ def build_pod_template(d: Deployment, replica: int) -> dict[str, Any]:
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL / gloo shared memory
         ],
     }
+    fetch = build_fetch_container(d)
+    if fetch is not None:
+        pod["initContainers"] = [fetch]
     if sched.node_selector:
         pod["nodeSelector"] = dict(sched.node_selector)
     if sched.tolerations:

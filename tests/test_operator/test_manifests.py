@@ -221,3 +221,25 @@ def test_done_when_examples_render_the_expected_groups(name, pods, gpus, clique,
         assert _container(sts)["resources"]["limits"][GPU_RESOURCE] == str(gpus)
         affinity = sts["spec"]["template"]["spec"].get("affinity", {})
         assert ("podAffinity" in affinity) == clique
+
+
+def test_hf_weights_are_fetched_by_an_init_container_with_the_token_secret(check_moed, check_builtin):
+    body = check_moed(_qwen("h100-hgx", model={
+        "preset": "qwen3-235b-a22b",
+        "weights": {"uri": "hf://Qwen/Qwen3-235B-A22B", "revision": "v1", "tokenSecret": "hf-token"},
+    }))
+    sts = _kinds(render_objects(body), "StatefulSet")[0]
+    check_builtin(sts)
+    pod = sts["spec"]["template"]["spec"]
+    (fetch,) = pod["initContainers"]
+    assert fetch["command"] == ["moeshard", "engine", "fetch", "--uri", "hf://Qwen/Qwen3-235B-A22B",
+                                "--out", "/models", "--revision", "v1"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in fetch["env"]
+    model_volume = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert "emptyDir" in model_volume
+    assert fetch["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
+
+
+def test_pvc_weights_need_no_fetch(example):
+    sts = _kinds(render_objects(example("tiny-cpu")), "StatefulSet")[0]
+    assert "initContainers" not in sts["spec"]["template"]["spec"]
