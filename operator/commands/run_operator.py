@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from typing import Any
 
 HELP = "Run the MoEDeployment operator (kopf): reconcile engine pod groups and rebalance experts."
@@ -76,6 +77,19 @@ def run(args: argparse.Namespace) -> int:
 
     import kopf
 
+    from kubernetes.config import ConfigException
+
+    from ..cli import CommandError
+    from ..kube import kube_from_config
+
+    # Fail fast, in one line, when there is no cluster to talk to (kopf would retry forever).
+    try:
+        kube_from_config()
+    except (ConfigException, OSError) as exc:
+        raise CommandError(
+            f"no Kubernetes credentials: not in a cluster, and the kubeconfig "
+            f"({os.environ.get('KUBECONFIG', '~/.kube/config')}) gives none: {exc}"
+        ) from None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     load_handlers()

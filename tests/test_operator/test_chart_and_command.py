@@ -96,3 +96,18 @@ def test_command_scope_and_peering_options():
 def test_chart_without_peering_refuses_several_replicas():
     with pytest.raises(Exception, match="peering"):
         _render({"operator": {"replicas": 2, "peering": {"enabled": False}}})
+
+
+def test_operator_without_a_cluster_fails_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing"), "KUBERNETES_SERVICE_HOST": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "moeshard.operator.cli", "operator", "-n", "default", "--standalone"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no Kubernetes credentials" in lines[0] and "Traceback" not in result.stderr
