@@ -68,4 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: subcommands raise
+    # moeshard.operator.cli.CommandError, which must be the class main() catches.
+    from moeshard.operator.cli import main as _main
+
+    sys.exit(_main())
