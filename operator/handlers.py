@@ -97,8 +97,19 @@ def _group_ready(group: dict[str, Any], pods: int) -> bool:
     return status.get("readyReplicas", 0) >= pods
 
 
-def _pod_failed_after_start(pod: dict[str, Any]) -> bool:
-    """A pod whose engine died after starting: phase Failed, or any container restarted."""
+def _pod_failed_after_start(pod: dict[str, Any], group: dict[str, Any]) -> bool:
+    """A pod of the live ``group`` whose engine died after starting: phase Failed, or a container restarted.
+
+    Pods of an earlier incarnation of the group (owned by a deleted StatefulSet,
+    or already terminating) linger for their grace period after a recreation;
+    they must not count, or one failure would use up the whole restart budget.
+    """
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    group_uid = (group.get("metadata") or {}).get("uid")
+    owners = (pod.get("metadata") or {}).get("ownerReferences") or []
+    if group_uid and owners and not any(o.get("uid") == group_uid for o in owners):
+        return False
     status = pod.get("status") or {}
     if status.get("phase") == "Failed":
         return True
@@ -292,7 +303,8 @@ class _Reconciler:
                 self.event("RolledGroup", f"replica group {r} replaced with the new template")
                 continue
             # LeaderWorkerSet recreates its group itself (RecreateGroupOnPodRestart)
-            failed = not d.uses_lws and any(_pod_failed_after_start(p) for p in live.pods if _replica_of(p) == r)
+            failed = not d.uses_lws and any(
+                _pod_failed_after_start(p, group) for p in live.pods if _replica_of(p) == r)
             if not failed:
                 continue
             # a pod failed after start: the group is recreated as a unit, within the restart budget

@@ -63,13 +63,21 @@ def _conditions(custom, name: str = "tiny") -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in _live(custom, name)["status"]["conditions"]}
 
 
-def _fail_pod(kube, replica: int, name: str = "tiny") -> None:
-    """Play the kubelet: a pod of group ``replica`` whose engine restarted."""
-    pod = kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
-        "name": f"{name}-r{replica}-0", "namespace": NS,
+def _fail_pod(kube, replica: int, name: str = "tiny", owner_uid: str | None = None, pod: int = 0,
+              terminating: bool = False) -> None:
+    """Play the kubelet: a pod of group ``replica`` (owned by the StatefulSet ``owner_uid``) whose engine restarted."""
+    metadata = {
+        "name": f"{name}-r{replica}-{pod}", "namespace": NS,
         "labels": {"moeshard.io/deployment": name, "moeshard.io/replica": str(replica),
-                   "app.kubernetes.io/name": "moeshard-engine"}},
-        "spec": {"containers": [{"name": "engine", "image": "x"}]}})
+                   "app.kubernetes.io/name": "moeshard-engine"}}
+    if owner_uid:
+        metadata["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": f"{name}-r{replica}",
+                                        "uid": owner_uid, "controller": True}]
+    if terminating:  # the finalizer keeps it listed, as the kubelet's grace period does
+        metadata["deletionTimestamp"] = "2026-11-28T00:00:00Z"
+        metadata["finalizers"] = ["moeshard.io/test-grace-period"]
+    pod = kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+                       "spec": {"containers": [{"name": "engine", "image": "x"}]}})
     kube.patch("v1", "pods", NS, pod["metadata"]["name"], {"status": {
         "phase": "Running", "containerStatuses": [{"name": "engine", "restartCount": 1}]}}, subresource="status")
 
@@ -175,6 +183,26 @@ def test_failed_pod_recreates_its_group_until_the_restart_budget_ends(kube, cust
     assert status["phase"] == "Failed"
     assert _conditions(custom)["Degraded"]["reason"] == "RestartBudgetExceeded"
     assert ("Warning", "RestartBudgetExceeded") in {(e[0], e[1]) for e in outcome.events}
+
+
+def test_pods_of_a_recreated_group_that_linger_do_not_count_again(kube, custom, emulator, example, check_moed):
+    """On a cluster the old pods terminate for their grace period after a recreation: one
+    failure must cost one restart, not the whole budget."""
+    body = example("tiny-cpu", **{"spec.engine.restartBudget": {"maxRestarts": 3, "window": "30m"}})
+    _create(custom, check_moed(body))
+    _settle(kube, custom, emulator)
+    old_uid = emulator.objects(STS, NS)["tiny-r0"]["metadata"]["uid"]
+    _fail_pod(kube, 0, owner_uid=old_uid)
+    assert [e[1] for e in _reconcile(kube, custom).events].count("RecreatedGroup") == 1
+    new_uid = emulator.objects(STS, NS)["tiny-r0"]["metadata"]["uid"]
+    assert new_uid != old_uid
+    _fail_pod(kube, 0, owner_uid=old_uid)  # the old incarnation's pod, not yet gone
+    _fail_pod(kube, 0, owner_uid=new_uid, pod=1, terminating=True)  # terminating, whatever its owner
+    for _ in range(3):
+        outcome = _reconcile(kube, custom)
+        assert "RecreatedGroup" not in [e[1] for e in outcome.events]
+    assert emulator.objects(STS, NS)["tiny-r0"]["metadata"]["uid"] == new_uid
+    assert len(_live(custom)["status"]["groupRestarts"]) == 1
 
 
 def test_scale_down_and_up_through_the_scale_subresource(kube, custom, emulator, example, check_moed):
