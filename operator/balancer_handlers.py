@@ -30,6 +30,7 @@ import kopf
 from . import naming
 from .api import API_VERSION, GROUP, PLURAL, VERSION, SpecError, parse_duration, parse_spec
 from .kube import Kube, KubeError
+from .planner import ranks_per_domain
 from .placement import PLACEMENT_KEY, PlacementError, parse_placement
 from .prometheus_source import PrometheusSource
 from .rebalance import CONDITION_BALANCED, CycleOutcome, LoadSource, merge_conditions, run_cycle
@@ -84,7 +85,8 @@ def balance_once(
     except PlacementError as exc:
         return BalanceRun("skipped", f"live {PLACEMENT_KEY} is invalid ({exc}); the reconciler resets it")
     # 3. The pure cycle: query, plan, hysteresis.
-    gpus_per_domain = spec.hardware.resolve().gpus_per_domain
+    # Ranks per NVLink domain of this group, as the planner laid it out (and as the engine is told).
+    gpus_per_domain = ranks_per_domain(current.num_gpus, spec.hardware.resolve())
     outcome = run_cycle(make_source(lb.prometheus_url), name, namespace, current, lb, gpus_per_domain, now)
     run = BalanceRun("kept", "", outcome, [outcome.event] if outcome.event else [])
     # 4. The new placement, only over the ConfigMap we read.

@@ -37,7 +37,7 @@ from .api import API_VERSION, KIND, MoEDeploymentSpec
 from .engine_env import CONFIG_MOUNT, MODEL_MOUNT, POD_INDEX_LABEL, PREFIX, RENDEZVOUS_PORT, build_engine_env
 from .hardware import HardwareProfile
 from .placement import PLACEMENT_KEY, PLAN_KEY, Placement, initial_placement
-from .planner import Plan
+from .planner import Plan, ranks_per_domain
 
 CLIQUE_LABEL = "nvidia.com/gpu.clique"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -288,7 +288,8 @@ def build_engine_container(d: Deployment, replica: int) -> dict[str, Any]:
     c = d.plan.chosen
     env = build_engine_env(
         deployment=d.name, namespace=d.namespace, replica_index=replica,
-        pods_per_group=c.pods_per_replica, gpus_per_pod=c.gpus_per_pod, gpus_per_domain=hw.gpus_per_domain,
+        pods_per_group=c.pods_per_replica, gpus_per_pod=c.gpus_per_pod,
+        gpus_per_domain=ranks_per_domain(c.expert_ep, hw),  # the domain size the planner used for this EP
         attention_tp=c.attention_tp, expert_ep=c.expert_ep, rendezvous_host=rendezvous_host(d, replica),
         port=engine.port, device="cuda" if hw.uses_gpus else "cpu",
     )

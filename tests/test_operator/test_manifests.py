@@ -243,3 +243,17 @@ def test_hf_weights_are_fetched_by_an_init_container_with_the_token_secret(check
 def test_pvc_weights_need_no_fetch(example):
     sts = _kinds(render_objects(example("tiny-cpu")), "StatefulSet")[0]
     assert "initContainers" not in sts["spec"]["template"]["spec"]
+
+
+def test_engine_domain_size_is_the_planners_for_cross_domain_groups(check_moed):
+    """GB200 NVL72 at EP 128: the planner splits the group into 2 domains of 64 ranks; the engine
+    must be told 64 (not the rack's 72), or it refuses the world size."""
+    from moeshard.engine.config import ParallelConfig  # the engine's own parser of the contract
+
+    body = check_moed(_qwen("gb200-nvl72", parallelism={"replicas": 1, "expertEP": 128, "allowCrossDomain": True}))
+    sts = _kinds(render_objects(body), "StatefulSet")[0]
+    env = {e["name"]: e.get("value") for e in _container(sts)["env"]}
+    assert env["MOESHARD_GPUS_PER_DOMAIN"] == "64"
+    environ = {k: v for k, v in env.items() if v is not None} | {"MOESHARD_POD_INDEX": "31"}
+    parallel = ParallelConfig.from_env(EngineEnvironment.from_environ(environ), local_rank=3)
+    assert parallel.world_size == 128
