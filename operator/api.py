@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from .architectures import ARCHITECTURES, PRESETS, ModelArchitecture, get_preset
+
+# Architectures the engine (moeshard.engine) serves. The planner knows more (ARCHITECTURES).
+ENGINE_ARCHITECTURES = ("qwen3_moe", "mixtral")
+from .engine_env import RENDEZVOUS_PORT
 from .hardware import PROFILES, HardwareProfile, get_profile, GB, TB, US
 
 GROUP = "moeshard.io"
@@ -34,7 +38,7 @@ DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
 _DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Kubernetes object names (RFC 1123 label); the deployment name prefixes child names.
-NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # the front Service takes this name: RFC 1035
 MAX_NAME_LENGTH = 40  # leaves room for "-r<replica>-<pod>" suffixes within 63
 
 
@@ -311,7 +315,15 @@ class EngineSpec(_Section):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Image pull policy."
     )
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the completions API on rank 0 of a group.")
+    port: int = Field(8000, ge=1, le=65535,
+                      description="HTTP port of the completions API on rank 0 of a group (not 29500, the rendezvous port).")
+
+    @field_validator("port")
+    @classmethod
+    def _not_rendezvous(cls, value: int) -> int:
+        if value == RENDEZVOUS_PORT:
+            raise ValueError(f"{RENDEZVOUS_PORT} is the torch.distributed rendezvous port; choose another")
+        return value
     resources: Resources = Field(default_factory=Resources, description="CPU and memory per pod.")
     group_kind: Literal["StatefulSet", "LeaderWorkerSet"] = Field(
         "StatefulSet", description="Object that runs one replica group. LeaderWorkerSet needs its CRD installed."
@@ -338,6 +350,17 @@ class MoEDeploymentSpec(_Section):
     def _cross_field(self) -> "MoEDeploymentSpec":
         # The rules below are mirrored by CEL rules in crd.py (SPEC_RULES).
         arch = self.model.resolve()
+        if arch.architecture not in ENGINE_ARCHITECTURES:
+            where = "model.preset" if self.model.preset else "model.architecture.type"
+            raise ValueError(
+                f"{where} ({self.model.preset or arch.architecture}): the engine serves "
+                f"{', '.join(ENGINE_ARCHITECTURES)} models; `moeshard plan --preset` still plans the others"
+            )
+        if arch.first_dense_layers or arch.shared_experts:
+            raise ValueError(
+                "model.architecture.firstDenseLayers (and sharedExperts): the engine serves only models whose "
+                "every layer is routed MoE without shared experts; set both to 0"
+            )
         hw = self.hardware.resolve()
         slots = arch.num_experts + self.load_balancing.redundant_slots
         ep, tp = self.parallelism.expert_ep, self.parallelism.attention_tp
@@ -418,7 +441,7 @@ class SpecError(ValueError):
         self.message = message
 
 
-_FIELD_IN_MESSAGE = re.compile(r"^((?:parallelism|loadBalancing|model|hardware|workload|engine)\.[A-Za-z.]+)")
+_FIELD_IN_MESSAGE = re.compile(r"^((?:parallelism|loadBalancing|model|hardware|workload|engine|metadata)\.[A-Za-z.]+)")
 _LOCAL_FIELD_IN_MESSAGE = re.compile(r"^([a-z][A-Za-z0-9.]*) \(")
 
 
@@ -450,6 +473,10 @@ def parse_spec(spec: Any, prefix: str = "spec") -> MoEDeploymentSpec:
         elif error["type"] == "missing":
             message = "required field is missing"
         return_path = _error_path(error, prefix)
+        # A validator that names its field ("parallelism.expertEP (12) must ...") need not say it twice.
+        local = return_path.removeprefix(prefix + ".")
+        if message.startswith(local + " "):
+            message = message[len(local) + 1:]
         raise SpecError(return_path, message) from None
 
 
@@ -465,7 +492,7 @@ def parse_resource(body: Any) -> MoEDeploymentSpec:
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or len(name) > MAX_NAME_LENGTH:
         raise SpecError(
             "metadata.name",
-            f"must be a lowercase DNS label of at most {MAX_NAME_LENGTH} characters, got {name!r}",
+            f"must be a lowercase DNS label starting with a letter, at most {MAX_NAME_LENGTH} characters, got {name!r}",
         )
     return parse_spec(body.get("spec"))
 

@@ -174,6 +174,8 @@ def architecture_from_hf_config(config: dict, name: str = "custom") -> ModelArch
     Supported ``model_type``: ``qwen3_moe``, ``mixtral``, ``deepseek_v3``.
     Raises ConfigError naming the key that is missing or wrong.
     """
+    if not isinstance(config, dict):
+        raise ConfigError("(document)", f"config.json must be a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
     hidden = _required(config, "hidden_size")
     heads = _required(config, "num_attention_heads")

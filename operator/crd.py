@@ -15,11 +15,26 @@ from typing import Any
 
 import yaml
 
-from .api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, MoEDeploymentSpec, MoEDeploymentStatus
+from .api import (
+    ENGINE_ARCHITECTURES, GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
+    MoEDeploymentSpec, MoEDeploymentStatus,
+)
+from .engine_env import RENDEZVOUS_PORT
 from .architectures import PRESETS
 from .hardware import PROFILES
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
+_ENGINE_PRESETS = sorted(k for k, p in PRESETS.items() if p.architecture in ENGINE_ARCHITECTURES)
+# Root rule (only metadata.name and generateName are visible to CEL there): child objects take the name.
+NAME_RULE = {
+    "rule": f"self.metadata.name.matches('{NAME_PATTERN.pattern}') && size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+    "message": f"metadata.name must be a lowercase DNS label starting with a letter, at most {MAX_NAME_LENGTH} "
+               "characters (child objects and Services take this name)",
+}
+
+
+def _cel_list(values) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
 def _cel_map(values: dict[str, int]) -> str:
@@ -77,8 +92,34 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "spec.model": [
         {"rule": "has(self.preset) != has(self.architecture)", "message": "set exactly one of preset and architecture"},
+        {
+            "rule": f"!has(self.preset) || self.preset in {_cel_list(_ENGINE_PRESETS)}",
+            "message": f"the engine serves {', '.join(ENGINE_ARCHITECTURES)} models; `moeshard plan --preset` still plans the others",
+            "fieldPath": ".preset",
+        },
+        {
+            "rule": f"!has(self.architecture) || self.architecture.type in {_cel_list(ENGINE_ARCHITECTURES)}",
+            "message": f"the engine serves {', '.join(ENGINE_ARCHITECTURES)} models",
+            "fieldPath": ".architecture.type",
+        },
+    ],
+    "spec.loadBalancing": [
+        {"rule": "!has(self.interval) || self.interval.matches('[1-9]')", "message": "interval must be longer than zero",
+         "fieldPath": ".interval"},
+        {"rule": "!has(self.window) || self.window.matches('[1-9]')", "message": "window must be longer than zero",
+         "fieldPath": ".window"},
+    ],
+    "spec.engine": [
+        {"rule": f"!has(self.port) || self.port != {RENDEZVOUS_PORT}",
+         "message": f"port {RENDEZVOUS_PORT} is the torch.distributed rendezvous port", "fieldPath": ".port"},
     ],
     "spec.model.architecture": [
+        {
+            "rule": "(!has(self.firstDenseLayers) || self.firstDenseLayers == 0) && "
+                    "(!has(self.sharedExperts) || self.sharedExperts == 0)",
+            "message": "the engine serves only models whose every layer is routed MoE without shared experts",
+            "fieldPath": ".firstDenseLayers",
+        },
         {"rule": "self.topK <= self.numExperts", "message": "topK must not exceed numExperts", "fieldPath": ".topK"},
         {
             "rule": "!has(self.firstDenseLayers) || self.firstDenseLayers < self.numLayers",
@@ -216,6 +257,7 @@ def build_crd() -> dict[str, Any]:
                             "expert EP and DP replicas, run as NVLink-domain-sized engine pod groups, with hot "
                             "experts replicated from measured load.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [dict(NAME_RULE)],
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version: moeshard.io/v1alpha1."},
                                 "kind": {"type": "string", "description": "MoEDeployment."},

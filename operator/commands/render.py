@@ -24,8 +24,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def load_documents(path: str) -> list[Any]:
+    from ..api import SpecError
+
     text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
-    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    try:
+        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(path, f"not valid YAML{where}") from None
 
 
 def render_objects(body: dict[str, Any], namespace: str | None = None) -> list[dict[str, Any]]:

@@ -51,6 +51,21 @@ BAD_SPECS = [
                                    "topK": 8, "expertIntermediateSize": 32, "numAttentionHeads": 4,
                                    "numKVHeads": 2, "headDim": 16, "vocabSize": 128}}), "spec.model.architecture.topK"),
     (_with(model={"preset": "qwen3-235b-a22b", "weights": {"uri": "ftp://x"}}), "spec.model.weights.uri"),
+    (_with(model={"preset": "deepseek-v3"}), "spec.model.preset"),
+    (_with(model={"architecture": {"type": "deepseek_v3", "numLayers": 4, "hiddenSize": 64, "numExperts": 8,
+                                   "topK": 2, "expertIntermediateSize": 32, "numAttentionHeads": 4,
+                                   "numKVHeads": 4, "headDim": 16, "vocabSize": 128}}), "spec.model.architecture.type"),
+    (_with(model={"architecture": {"type": "qwen3_moe", "numLayers": 4, "hiddenSize": 64, "numExperts": 8,
+                                   "topK": 2, "expertIntermediateSize": 32, "numAttentionHeads": 4,
+                                   "numKVHeads": 4, "headDim": 16, "vocabSize": 128, "firstDenseLayers": 1}}),
+     "spec.model.architecture.firstDenseLayers"),
+    (_with(engine__port=29500), "spec.engine.port"),
+    (_with(loadBalancing__interval="0m0s"), "spec.loadBalancing.interval"),
+    (_with(loadBalancing__window="0s"), "spec.loadBalancing.window"),
+    (_with(model={"preset": "qwen3-235b-a22b", "architecture": {
+        "type": "qwen3_moe", "numLayers": 2, "hiddenSize": 64, "numExperts": 8, "topK": 2,
+        "expertIntermediateSize": 32, "numAttentionHeads": 4, "numKVHeads": 2, "headDim": 16, "vocabSize": 128}}),
+     "spec.model"),
 ]
 UNKNOWN_FIELD = (_with(parallelism__expertEp=16), "spec.parallelism.expertEp")
 
@@ -146,3 +161,20 @@ def test_examples_pass_python_crd_schema_cel_and_the_planner(path):
     from moeshard.operator.planner import plan_for_spec
 
     assert plan_for_spec(spec).chosen.feasible
+
+
+@pytest.mark.parametrize("name, ok", [("qwen3", True), ("a" * 40, True), ("7b-mixtral", False), ("a" * 41, False),
+                                      ("Qwen", False), ("x-", False)])
+def test_name_rule_in_python_and_cel_agree(name, ok):
+    from moeshard.operator.crd import NAME_RULE
+
+    env = celpy.Environment()
+    body = {"apiVersion": "moeshard.io/v1alpha1", "kind": "MoEDeployment", "metadata": {"name": name}, "spec": BASE}
+    cel_ok = bool(env.program(env.compile(NAME_RULE["rule"])).evaluate({"self": celpy.json_to_cel(body)}))
+    try:
+        parse_resource(body)
+        python_ok = True
+    except SpecError as exc:
+        python_ok = False
+        assert exc.field == "metadata.name"
+    assert cel_ok == python_ok == ok

@@ -87,3 +87,14 @@ def test_help_lists_every_command():
     assert result.returncode == 0
     for command in ("plan", "crd"):
         assert command in result.stdout
+
+
+def test_malformed_inputs_to_render_and_plan_config_are_one_line_errors(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("a: [\n")
+    listed = tmp_path / "config.json"
+    listed.write_text("[1, 2]")
+    for args in (["render", str(bad_yaml)], ["plan", "--config", str(listed), "--hardware", "cpu"]):
+        result = moeshard(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
