@@ -94,6 +94,25 @@ class KVCache:
         self.capacity = capacity
 
 
+def attention_mask(past_lens: torch.Tensor, new_lens: torch.Tensor, s_q: int, s_kv: int,
+                   sliding_window: int | None) -> torch.Tensor:
+    """Boolean mask [B, 1, S_q, S_kv], True where a query may attend to a key.
+
+    Sequence b's query i sits at absolute position past_lens[b] + i and sees
+    keys 0..that position (the last ``sliding_window`` of them when set).
+    Padded queries (i >= new_lens[b]) see key 0 only, so no softmax row is
+    empty; their outputs are dropped.
+    """
+    q_idx = torch.arange(s_q, device=past_lens.device)
+    q_pos = past_lens[:, None] + q_idx[None, :]  # [B, S_q]
+    k_pos = torch.arange(s_kv, device=past_lens.device)[None, None, :]
+    allowed = k_pos <= q_pos[:, :, None]
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos[:, :, None] - sliding_window
+    q_valid = q_idx[None, :] < new_lens[:, None]
+    return torch.where(q_valid[:, :, None], allowed, k_pos == 0)[:, None]
+
+
 class Attention:
     """Grouped-query attention on this rank's heads (TP shard)."""
 
@@ -144,28 +163,21 @@ class Attention:
         ck, cv = cache.k[self.layer], cache.v[self.layer]
         ck[rows, :, pos] = k
         cv[rows, :, pos] = v
-        # 4. Pad queries per sequence: [B, Hq, S_q, D]; keys [B, Hkv, S_kv, D].
+        # 4. Pad queries per sequence: [B, Hq, S_q, D]; keys/values [B, Hkv, S_kv, D] are this
+        #    step's cache rows, not widened to Hq heads (SDPA groups the query heads itself).
         b = step.new_lens.numel()
         s_q = int(step.new_lens.max())
-        total = step.past_lens + step.new_lens
-        s_kv = int(total.max())
+        s_kv = int((step.past_lens + step.new_lens).max())
         qp = x.new_zeros((b, s_q, self.heads, d))
         qp[seq, off] = q
         qp = qp.transpose(1, 2)
-        keys = ck[step.cache_rows, :, :s_kv].repeat_interleave(self.heads // self.kv_heads, dim=1)
-        vals = cv[step.cache_rows, :, :s_kv].repeat_interleave(self.heads // self.kv_heads, dim=1)
-        # 5. Causal mask over valid keys (and the sliding window); padded queries see key 0 only.
-        q_pos = step.past_lens[:, None] + torch.arange(s_q, device=x.device)[None, :]  # [B, S_q]
-        k_pos = torch.arange(s_kv, device=x.device)
-        allowed = k_pos[None, None, :] <= q_pos[:, :, None]
-        if cfg.sliding_window is not None:
-            allowed &= k_pos[None, None, :] > q_pos[:, :, None] - cfg.sliding_window
-        q_valid = torch.arange(s_q, device=x.device)[None, :] < step.new_lens[:, None]
-        allowed = torch.where(q_valid[:, :, None], allowed, k_pos[None, None, :] == 0)
-        scores = torch.matmul(qp, keys.transpose(2, 3)) * self.scale
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
-        out = torch.matmul(probs, vals).transpose(1, 2)  # [B, S_q, Hq, D]
+        keys = ck[step.cache_rows, :, :s_kv]
+        vals = cv[step.cache_rows, :, :s_kv]
+        # 5. Fused attention under the causal + ragged mask [B, 1, S_q, S_kv].
+        mask = attention_mask(step.past_lens, step.new_lens, s_q, s_kv, cfg.sliding_window)
+        out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=self.heads != self.kv_heads)
+        out = out.transpose(1, 2)  # [B, S_q, Hq, D]
         # 6. Unpad, output projection (row-parallel), all-reduce over the TP group.
         out = out[seq, off].reshape(t, self.heads * d)
         o = self.groups.tp_all_reduce(F.linear(out, w["o_proj"]))
