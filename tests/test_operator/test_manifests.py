@@ -257,3 +257,14 @@ def test_engine_domain_size_is_the_planners_for_cross_domain_groups(check_moed):
     environ = {k: v for k, v in env.items() if v is not None} | {"MOESHARD_POD_INDEX": "31"}
     parallel = ParallelConfig.from_env(EngineEnvironment.from_environ(environ), local_rank=3)
     assert parallel.world_size == 128
+
+
+def test_podmonitor_example_selects_the_pods_that_serve_metrics(example):
+    """examples/monitoring/podmonitor.yaml must match rank 0 of a rendered group, on its named port."""
+    monitor = yaml.safe_load((ROOT / "examples" / "monitoring" / "podmonitor.yaml").read_text())
+    sts = _kinds(render_objects(example("tiny-cpu")), "StatefulSet")[0]
+    template = sts["spec"]["template"]
+    labels = dict(template["metadata"]["labels"]) | {"apps.kubernetes.io/pod-index": "0"}  # set by the controller
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {p["name"] for p in _container(sts)["ports"]}
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
