@@ -12,7 +12,8 @@ Picture of one group (W ranks, rank 0 leads)::
                                       +-- rank 0: complete the Futures, update metrics
 
 Requests that arrive while a step runs are batched into the next one (up to
-``max_batch_prompts`` prompts). With nothing queued rank 0 still sends an
+``max_batch_prompts`` prompts and ``max_num_batched_tokens`` prompt tokens;
+requests that do not fit wait for the following step). With nothing queued rank 0 still sends an
 idle command every ``idle_interval`` seconds, so a new placement is adopted
 by an idle group too. Ranks other than 0 just loop on commands.
 
@@ -37,7 +38,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -82,9 +83,11 @@ class ServingLimits:
     default_max_tokens: int = 16
     tokenizer: Any = None
     model_name: str = "moeshard"
+    max_num_batched_tokens: int = 8192  # prompt tokens in one engine step
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_batch_prompts", "max_model_len", "default_max_tokens"):
+        for name in ("vocab_size", "max_batch_prompts", "max_model_len", "default_max_tokens",
+                     "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -98,6 +101,11 @@ class CompletionRequest:
     stop_token_ids: frozenset[int]
     stop_strings: tuple[str, ...]
     text_prompt: bool  # the prompt came as text: the answer carries text
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens of all B prompts (what the request adds to a step's batch)."""
+        return sum(len(p) for p in self.prompts)
 
 
 def _is_int(value: Any) -> bool:
@@ -150,6 +158,10 @@ def parse_completion_request(body: Any, limits: ServingLimits) -> CompletionRequ
     prompts, text_prompt = _parse_prompts(body["prompt"], limits)
     if len(prompts) > limits.max_batch_prompts:
         raise RequestError("prompt", f"{len(prompts)} prompts exceed the server's batch limit of {limits.max_batch_prompts}")
+    prompt_tokens = sum(len(p) for p in prompts)
+    if prompt_tokens > limits.max_num_batched_tokens:
+        raise RequestError("prompt", f"{prompt_tokens} prompt tokens exceed the server's per-step limit of "
+                                     f"{limits.max_num_batched_tokens} (max_num_batched_tokens)")
 
     max_tokens = body.get("max_tokens", limits.default_max_tokens)
     if max_tokens is None:
@@ -279,14 +291,18 @@ class RequestQueue:
     def empty(self) -> bool:
         return self._held is None and self._queue.empty()
 
-    def take_batch(self, max_prompts: int, wait: float, window: float = 0.0) -> list[PendingRequest]:
-        """Whole requests in arrival order, at most ``max_prompts`` prompts.
+    def take_batch(self, max_prompts: int, wait: float, window: float = 0.0,
+                   max_tokens: int | None = None) -> list[PendingRequest]:
+        """Whole requests in arrival order, at most ``max_prompts`` prompts and ``max_tokens`` prompt tokens.
 
         Waits up to ``wait`` s for the first request, then up to ``window`` s
         more for others (requests a client sent together arrive a few ms apart).
+        A request that does not fit is held for the next batch. The first
+        request is always taken (parse_completion_request refuses any that
+        exceeds the limits on its own).
         """
         batch: list[PendingRequest] = []
-        prompts = 0
+        prompts = tokens = 0
         if self._held is None:
             try:
                 self._held = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
@@ -294,30 +310,19 @@ class RequestQueue:
                 return batch
         deadline = time.monotonic() + window
         while self._held is not None:
-            size = len(self._held.request.prompts)
-            if batch and prompts + size > max_prompts:
+            size, count = len(self._held.request.prompts), self._held.request.prompt_tokens
+            if batch and (prompts + size > max_prompts or (max_tokens is not None and tokens + count > max_tokens)):
                 break
             batch.append(self._held)
-            prompts += size
+            prompts, tokens = prompts + size, tokens + count
             self._held = None
-            if prompts >= max_prompts:
+            if prompts >= max_prompts or (max_tokens is not None and tokens >= max_tokens):
                 break
             remaining = deadline - time.monotonic()
             try:
                 self._held = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 pass
-        return batch
-        while self._held is not None:
-            size = len(self._held.request.prompts)
-            if batch and prompts + size > max_prompts:
-                break
-            batch.append(self._held)
-            prompts += size
-            try:
-                self._held = self._queue.get_nowait()
-            except queue.Empty:
-                self._held = None
         return batch
 
 
@@ -456,6 +461,8 @@ class StepLoop:
         self.idle_interval, self.batch_window = idle_interval, batch_window
         self.on_placement = on_placement  # called on the leader with the adopted placement
         self.stop_event = threading.Event()
+        self.boundary_at = time.monotonic()  # when the loop last stood between two steps
+        self._working = False  # a taken batch is being broadcast or generated
         self.steps = 0
         self.generate_calls = 0
         self._last_experts = np.asarray(runtime.expert_token_counts(), dtype=np.int64)
@@ -468,15 +475,27 @@ class StepLoop:
     def leader(self) -> bool:
         return self.channel.rank == 0
 
+    def stall_seconds(self, now: float | None = None) -> float:
+        """Seconds since the last step boundary while work is queued or running; 0.0 when idle.
+
+        A rank that died leaves rank 0 blocked in a collective: this grows
+        without bound and /healthz turns 503 past the stall timeout.
+        """
+        busy = self._working or (self.queue is not None and not self.queue.empty())
+        return max(0.0, (time.monotonic() if now is None else now) - self.boundary_at) if busy else 0.0
+
     def run(self) -> None:
         """Loop until rank 0 broadcasts stop (rank 0: after ``stop_event`` and an empty queue)."""
         while True:
+            self.boundary_at, self._working = time.monotonic(), False
             batch: list[PendingRequest] = []
             command: StepCommand | None = None
             if self.leader:
                 assert self.queue is not None
                 batch = self.queue.take_batch(self.limits.max_batch_prompts, wait=self.idle_interval,
-                                              window=self.batch_window)
+                                              window=self.batch_window,
+                                              max_tokens=self.limits.max_num_batched_tokens)
+                self._working = bool(batch)
                 if batch:
                     command = StepCommand.for_batch(batch, self.limits)
                 elif self.stop_event.is_set() and self.queue.empty():
@@ -570,8 +589,9 @@ class StepLoop:
 class ServingState:
     """What the HTTP threads read; the step loop (rank 0) writes it."""
 
-    def __init__(self, request_timeout: float = 600.0):
-        self.request_timeout = request_timeout
+    def __init__(self, request_timeout: float = 600.0, stall_timeout: float = 300.0):
+        self.request_timeout, self.stall_timeout = request_timeout, stall_timeout
+        self.stall_probe: Callable[[], float] | None = None  # StepLoop.stall_seconds on rank 0
         self.ready = False
         self.accepting = True
         self.failed: str | None = None
@@ -583,6 +603,13 @@ class ServingState:
 
     def set_placement(self, placement: Any) -> None:
         self.placement_json = placement.to_json().encode()
+
+    def stalled(self) -> str | None:
+        """Why the step loop counts as stuck (work pending, no step boundary for stall_timeout s), or None."""
+        seconds = self.stall_probe() if self.stall_probe is not None else 0.0
+        if seconds > self.stall_timeout:
+            return f"no step boundary for {seconds:.0f} s with requests pending (a rank may have died)"
+        return None
 
 
 def _make_handler(state: ServingState) -> type[BaseHTTPRequestHandler]:
@@ -610,8 +637,11 @@ def _make_handler(state: ServingState) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 - stdlib name
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
+                stalled = None if state.failed else state.stalled()
                 if state.failed:
                     self._json(503, {"status": "failed", "reason": state.failed})
+                elif stalled:
+                    self._json(503, {"status": "stalled", "reason": stalled})
                 else:
                     self._json(200, {"status": "ok"})
             elif path == "/readyz":
@@ -646,8 +676,9 @@ def _make_handler(state: ServingState) -> type[BaseHTTPRequestHandler]:
                     raise RequestError(None, f"no route {path}", HTTPStatus.NOT_FOUND)
                 try:
                     body = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise RequestError(None, f"the body is not valid JSON: {exc}") from None
+                except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
+                    reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                    raise RequestError(None, f"the body is not valid JSON: {reason}") from None
                 self._json(200, self._complete(body))
             except RequestError as error:
                 self._error(error)
@@ -713,12 +744,14 @@ class ServeOptions:
     host: str = "0.0.0.0"
     port: int | None = None  # None: the environment's MOESHARD_PORT
     max_batch_prompts: int = 32
+    max_num_batched_tokens: int = 8192
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     default_max_tokens: int = 16
     idle_interval: float = 0.5
     batch_window: float = 0.005
     placement_poll: float = 1.0
     request_timeout: float = 600.0
+    stall_timeout: float = 300.0  # /healthz 503 after this long without a step boundary while busy
     model_name: str | None = None
     threads: int | None = None
 
@@ -742,6 +775,7 @@ def limits_from_runtime(runtime: Any, options: ServeOptions, model_path: str) ->
         vocab_size=int(config.vocab_size),
         eos_token_ids=eos_ids,
         max_batch_prompts=options.max_batch_prompts,
+        max_num_batched_tokens=options.max_num_batched_tokens,
         max_model_len=options.max_model_len or model_max_len(model_path),
         default_max_tokens=options.default_max_tokens,
         tokenizer=getattr(runtime, "tokenizer_or_none", None),
@@ -763,7 +797,7 @@ def serve_rank(env: Any, local_rank: int, options: ServeOptions, *, stop_event: 
 
         torch.set_num_threads(options.threads)
     rank = env.pod_index * env.gpus_per_pod + local_rank
-    state = ServingState(options.request_timeout)
+    state = ServingState(options.request_timeout, options.stall_timeout)
     server = None
     if rank == 0:
         port = env.port if options.port is None else options.port
@@ -800,6 +834,7 @@ def serve_rank(env: Any, local_rank: int, options: ServeOptions, *, stop_event: 
         if rank == 0:
             state.limits, state.queue, state.metrics = limits, queue_, metrics
             state.world_size = channel.world_size
+            state.stall_probe = loop.stall_seconds
             state.set_placement(runtime.placement)
             state.ready = True
             log.info("all %d ranks joined; ready", channel.world_size)

@@ -53,6 +53,9 @@ def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) 
     group.add_argument("--host", default=host_default, help="address rank 0's HTTP server binds (default %(default)s)")
     group.add_argument("--max-batch", type=int, default=32, metavar="N",
                        help="most prompts in one engine step; requests that arrive together share a step (default %(default)s)")
+    group.add_argument("--max-num-batched-tokens", type=int, default=8192, metavar="TOKENS",
+                       help="most prompt tokens in one engine step; a request with more gets 400, requests that "
+                            "would overflow a step wait for the next (default %(default)s)")
     group.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
                        help="longest prompt + max_tokens accepted (default: max_position_embeddings of config.json)")
     group.add_argument("--default-max-tokens", type=int, default=16, metavar="N",
@@ -68,6 +71,9 @@ def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) 
                        help="after the first request of a step, wait this long for others to join it (default %(default)s)")
     group.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                        help="a request waiting longer gets 504 (default %(default)s)")
+    group.add_argument("--stall-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="rank 0's /healthz answers 503 when requests are pending and no engine step has "
+                            "finished for this long (a rank died; Kubernetes restarts the pod) (default %(default)s)")
     group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="(default %(default)s)")
 
@@ -75,9 +81,10 @@ def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) 
 def _serving_argv(args: argparse.Namespace) -> list[str]:
     """The serving options of ``args`` as command-line flags for child ranks."""
     argv = ["--host", args.host, "--max-batch", str(args.max_batch),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--default-max-tokens", str(args.default_max_tokens), "--placement-poll", str(args.placement_poll),
             "--idle-interval", str(args.idle_interval), "--batch-window", str(args.batch_window),
-            "--request-timeout", str(args.request_timeout),
+            "--request-timeout", str(args.request_timeout), "--stall-timeout", str(args.stall_timeout),
             "--log-level", args.log_level]
     if args.served_model_name:
         argv += ["--served-model-name", args.served_model_name]
@@ -107,18 +114,19 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
 def _serve_options(args: argparse.Namespace):
     from .serving import ServeOptions
 
-    for name in ("max_batch", "max_model_len", "default_max_tokens"):
+    for name in ("max_batch", "max_num_batched_tokens", "max_model_len", "default_max_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("placement_poll", "idle_interval", "request_timeout"):
+    for name in ("placement_poll", "idle_interval", "request_timeout", "stall_timeout"):
         if getattr(args, name) <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be > 0")
     if args.batch_window < 0:
         raise CommandError("--batch-window must be >= 0")
     return ServeOptions(
-        host=args.host, port=args.port, max_batch_prompts=args.max_batch, max_model_len=args.max_model_len,
+        host=args.host, port=args.port, max_batch_prompts=args.max_batch,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens, idle_interval=args.idle_interval, batch_window=args.batch_window,
-        placement_poll=args.placement_poll, request_timeout=args.request_timeout,
+        placement_poll=args.placement_poll, request_timeout=args.request_timeout, stall_timeout=args.stall_timeout,
         model_name=args.served_model_name, threads=args.threads,
     )
 

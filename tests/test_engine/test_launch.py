@@ -62,6 +62,23 @@ def test_launch_refuses_a_folder_without_config(tmp_path):
         run_launch(parse(configure_launch, ["--nproc", "2", "--model", str(tmp_path), "--placement", str(tmp_path / "x")]))
 
 
+def test_step_token_cap_and_stall_timeout_flags_reach_the_options_and_the_ranks():
+    from moeshard.engine.serving_cli import _serve_options, _serving_argv
+
+    args = parse(configure_serve, ["--max-num-batched-tokens", "512", "--stall-timeout", "30"])
+    options = _serve_options(args)
+    assert (options.max_num_batched_tokens, options.stall_timeout) == (512, 30.0)
+    argv = _serving_argv(args)
+    assert argv[argv.index("--max-num-batched-tokens") + 1] == "512" and argv[argv.index("--stall-timeout") + 1] == "30.0"
+    launch = parse(configure_launch, ["--nproc", "2", "--model", "m", "--max-num-batched-tokens", "64", "--stall-timeout", "5"])
+    assert (launch.max_num_batched_tokens, launch.stall_timeout) == (64, 5.0)
+    defaults = _serve_options(parse(configure_serve, []))
+    assert (defaults.max_num_batched_tokens, defaults.stall_timeout) == (8192, 300.0)
+    for flag, value in (("--max-num-batched-tokens", "0"), ("--stall-timeout", "0")):
+        with pytest.raises(CommandError, match=flag):
+            _serve_options(parse(configure_serve, [flag, value]))
+
+
 def test_serve_refuses_a_broken_environment(monkeypatch):
     monkeypatch.setenv("MOESHARD_EXPERT_EP", "3")
     monkeypatch.setenv("MOESHARD_PODS_PER_GROUP", "1")

@@ -190,6 +190,22 @@ def test_queue_batches_whole_requests_in_order():
     assert q.empty() and q.take_batch(6, wait=0) == []
 
 
+def test_a_request_over_the_step_token_cap_is_refused():
+    limits = ServingLimits(vocab_size=VOCAB, max_batch_prompts=8, max_model_len=64, max_num_batched_tokens=4)
+    assert parse_completion_request({"prompt": [1, 2, 3, 4]}, limits).prompt_tokens == 4
+    with pytest.raises(RequestError) as info:
+        parse_completion_request({"prompt": [[1, 2], [3, 4, 5]]}, limits)  # 5 tokens across its prompts
+    assert info.value.param == "prompt" and "max_num_batched_tokens" in info.value.message
+
+
+def test_queue_caps_the_prompt_tokens_of_a_batch():
+    q = RequestQueue()
+    for size in [3, 2, 4, 1]:  # prompt tokens of one-prompt requests
+        q.submit(CompletionRequest((tuple(range(size)),), 1, frozenset(), (), False))
+    taken = [[p.request.prompt_tokens for p in q.take_batch(max_prompts=8, wait=0, max_tokens=5)] for _ in range(3)]
+    assert taken == [[3, 2], [4, 1], []]
+
+
 def test_a_batch_window_gathers_requests_sent_together():
     q = RequestQueue()
     request = CompletionRequest(((1,),), 1, frozenset(), (), False)
@@ -234,6 +250,7 @@ class OneRankServer:
         self.loop = StepLoop(runtime, LocalChannel(), limits=limits, watcher=watcher, metrics=self.metrics,
                              queue=self.queue, idle_interval=0.02, on_placement=self.state.set_placement)
         self.state.limits, self.state.queue, self.state.metrics = limits, self.queue, self.metrics
+        self.state.stall_probe = self.loop.stall_seconds
         self.state.set_placement(runtime.placement)
         self.state.world_size, self.state.ready = 1, True
         self.server, _ = start_http_server(self.state, "127.0.0.1", 0)
@@ -354,6 +371,63 @@ def test_requests_that_arrive_together_share_a_step():
         assert batch_sizes == [1, 6]
         for (status, raw), i in zip(answers[1:], (10, 20, 30)):
             assert [c["token_ids"] for c in json.loads(raw)["choices"]] == [expected_tokens([i], 3), expected_tokens([i + 1], 3)]
+    finally:
+        gate.set()
+        server.close()
+
+
+def test_a_step_never_holds_more_prompt_tokens_than_the_cap():
+    gate = threading.Event()
+    limits = ServingLimits(vocab_size=VOCAB, max_batch_prompts=8, max_model_len=64, model_name="fake",
+                           max_num_batched_tokens=4)
+    server = OneRankServer(FakeRuntime(gate), limits=limits)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(server.request, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})
+            assert server.runtime.entered.wait(timeout=10)
+            rest = [pool.submit(server.request, "POST", "/v1/completions", {"prompt": [[i], [i + 1, i + 2]], "max_tokens": 2})
+                    for i in (10, 20, 30)]
+            while server.queue._queue.qsize() < 3:
+                time.sleep(0.01)
+            gate.set()
+            answers = [f.result(timeout=20) for f in [first, *rest]]
+        assert all(status == 200 for status, _ in answers)
+        # 3 tokens per queued request: two never fit under 4, so each waits for its own step.
+        assert [sum(map(len, prompts)) for prompts, _, _ in server.runtime.calls] == [1, 3, 3, 3]
+    finally:
+        gate.set()
+        server.close()
+
+
+def test_a_deeply_nested_body_gets_400(one_rank):
+    depth = 200_000
+    status, answer = one_rank.request("POST", "/v1/completions", raw=b"[" * depth + b"]" * depth)
+    assert status == 400 and "not valid JSON" in json.loads(answer)["error"]["message"]
+    assert one_rank.request("POST", "/v1/completions", {"prompt": [3], "max_tokens": 2})[0] == 200
+
+
+def test_healthz_turns_503_when_the_step_loop_stalls_with_work_pending():
+    gate = threading.Event()  # generate blocks like rank 0 waiting in a collective on a dead rank
+    server = OneRankServer(FakeRuntime(gate))
+    server.state.stall_timeout = 0.2
+    try:
+        # Idle for any length of time is healthy.
+        assert server.loop.stall_seconds(now=server.loop.boundary_at + 1e6) == 0.0
+        assert server.request("GET", "/healthz")[0] == 200
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(server.request, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})
+            assert server.runtime.entered.wait(timeout=10)
+            assert server.loop.stall_seconds(now=server.loop.boundary_at + 1.0) >= 1.0
+            status, raw = server.request("GET", "/healthz")
+            while status == 200:  # the threshold passes a fraction of a second later
+                time.sleep(0.05)
+                status, raw = server.request("GET", "/healthz")
+            assert status == 503 and json.loads(raw)["status"] == "stalled"
+            gate.set()
+            assert answer.result(timeout=20)[0] == 200
+        while server.loop.stall_seconds() > 0:  # the loop reaches its next step boundary
+            time.sleep(0.01)
+        assert server.request("GET", "/healthz")[0] == 200
     finally:
         gate.set()
         server.close()
