@@ -163,23 +163,25 @@ class Attention:
         ck, cv = cache.k[self.layer], cache.v[self.layer]
         ck[rows, :, pos] = k
         cv[rows, :, pos] = v
-        # 4. Pad queries per sequence: [B, Hq, S_q, D]; keys/values [B, Hkv, S_kv, D] are this
-        #    step's cache rows, not widened to Hq heads (SDPA groups the query heads itself).
-        b = step.new_lens.numel()
+        # 4. Pad queries per sequence, folding each KV head's G = Hq / Hkv query heads into the
+        #    query axis: [B, Hkv, G * S_q, D] (query head h uses KV head h // G). Keys/values are
+        #    this step's cache rows as stored, [B, Hkv, S_kv, D], never widened to Hq heads; no
+        #    enable_gqa is needed, so SDPA's fused masked kernels apply (its GQA path with a mask
+        #    falls back to the math kernel, which widens KV and materialises the scores).
+        b, g = step.new_lens.numel(), self.heads // self.kv_heads
         s_q = int(step.new_lens.max())
         s_kv = int((step.past_lens + step.new_lens).max())
-        qp = x.new_zeros((b, s_q, self.heads, d))
-        qp[seq, off] = q
-        qp = qp.transpose(1, 2)
+        qp = x.new_zeros((b, self.kv_heads, g, s_q, d))
+        qp[seq, :, :, off] = q.view(t, self.kv_heads, g, d)
         keys = ck[step.cache_rows, :, :s_kv]
         vals = cv[step.cache_rows, :, :s_kv]
-        # 5. Fused attention under the causal + ragged mask [B, 1, S_q, S_kv].
-        mask = attention_mask(step.past_lens, step.new_lens, s_q, s_kv, cfg.sliding_window)
-        out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=self.heads != self.kv_heads)
-        out = out.transpose(1, 2)  # [B, S_q, Hq, D]
+        # 5. Fused attention under the causal + ragged mask, repeated for the G folded heads.
+        mask = attention_mask(step.past_lens, step.new_lens, s_q, s_kv, cfg.sliding_window)  # [B, 1, S_q, S_kv]
+        mask = mask[:, :, None].expand(b, 1, g, s_q, s_kv).reshape(b, 1, g * s_q, s_kv)
+        out = F.scaled_dot_product_attention(qp.view(b, self.kv_heads, g * s_q, d), keys, vals, attn_mask=mask,
+                                             scale=self.scale)
         # 6. Unpad, output projection (row-parallel), all-reduce over the TP group.
-        out = out[seq, off].reshape(t, self.heads * d)
+        out = out.view(b, self.kv_heads, g, s_q, d)[seq, :, :, off].reshape(t, self.heads * d)
         o = self.groups.tp_all_reduce(F.linear(out, w["o_proj"]))
         if "o_bias" in w:
             o = o + w["o_bias"]

@@ -90,8 +90,9 @@ def test_fused_attention_matches_reference_on_ragged_step(monkeypatch, window):
 
     monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", spy)
     got = att.forward(x, step, cache, cos, sin, coords)
-    # One fused call per layer, on KV heads as cached (no repeat to Hq): [B, Hkv, S_kv, D].
-    assert calls == [((3, HQ, 5, D), (3, HKV, 7, D), (3, HKV, 7, D))]
+    # One fused call per layer on the KV heads as cached (no repeat to Hq, keys [B, Hkv, S_kv, D]),
+    # the G = Hq / Hkv query heads of each KV head folded into the query axis: [B, Hkv, G * S_q, D].
+    assert calls == [((3, HKV, 2 * 5, D), (3, HKV, 7, D), (3, HKV, 7, D))]
     want = _reference(att, x, step, cache, cos, sin, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
