@@ -32,6 +32,7 @@ import logging
 import os
 import queue
 import threading
+from pathlib import Path
 import time
 import uuid
 from concurrent.futures import Future
@@ -813,6 +814,9 @@ def serve_rank(env: Any, local_rank: int, options: ServeOptions, *, stop_event: 
         runtime = EngineRuntime.create(env, local_rank)
         channel = TorchChannel()
         channel.reduce_sum(np.ones(1, dtype=np.int64))  # every rank has loaded and joined
+        ready_file = getattr(env, "ready_file", "") if local_rank == 0 else ""
+        if ready_file:  # the pod's readiness probe: this pod's ranks serve, the whole group has joined
+            Path(ready_file).write_text(f"{channel.world_size}\n")
         limits = limits_from_runtime(runtime, options, env.model_path)
         metrics = watcher = None
         queue_ = RequestQueue() if rank == 0 else None
@@ -846,6 +850,8 @@ def serve_rank(env: Any, local_rank: int, options: ServeOptions, *, stop_event: 
         state.failed = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        if local_rank == 0 and getattr(env, "ready_file", ""):
+            Path(env.ready_file).unlink(missing_ok=True)
         if runtime is not None:
             runtime.close()
         if server is not None:

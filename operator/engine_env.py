@@ -21,6 +21,8 @@ never at import time). Torch-free.
 | MOESHARD_MODEL_PATH         | checkpoint folder (config.json + safetensors)                  |
 | MOESHARD_PORT               | HTTP port of the serving API on rank 0                         |
 | MOESHARD_DEVICE             | cuda or cpu                                                    |
+| MOESHARD_READY_FILE         | written by local rank 0 once the whole group has loaded and    |
+|                             | joined (the pod's readiness probe); empty = none               |
 
 A rank's global index is ``pod_index * gpus_per_pod + local_rank``.
 """
@@ -34,6 +36,7 @@ PREFIX = "MOESHARD_"
 CONFIG_MOUNT = "/etc/moeshard"  # the ConfigMap (plan.json, placement.json) is mounted here
 MODEL_MOUNT = "/models"
 RENDEZVOUS_PORT = 29500
+READY_FILE = "/tmp/moeshard-ready"  # what the operator's readiness probe of multi-pod groups checks
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"  # set by the StatefulSet controller (Kubernetes >= 1.28)
 
 
@@ -54,6 +57,7 @@ class EngineEnvironment:
     model_path: str
     port: int
     device: str
+    ready_file: str = ""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "EngineEnvironment":
@@ -91,6 +95,7 @@ class EngineEnvironment:
             model_path=text("MODEL_PATH", MODEL_MOUNT),
             port=integer("PORT", 8000, minimum=1),
             device=text("DEVICE", "cuda"),
+            ready_file=environ.get(PREFIX + "READY_FILE", ""),
         )
         if env.pods_per_group * env.gpus_per_pod != env.expert_ep:
             raise ValueError(
@@ -122,6 +127,7 @@ class EngineEnvironment:
             PREFIX + "MODEL_PATH": self.model_path,
             PREFIX + "PORT": str(self.port),
             PREFIX + "DEVICE": self.device,
+            PREFIX + "READY_FILE": self.ready_file,
         }
 
 
@@ -150,7 +156,7 @@ def build_engine_env(
         pods_per_group=pods_per_group, gpus_per_pod=gpus_per_pod, gpus_per_domain=gpus_per_domain,
         attention_tp=attention_tp, expert_ep=expert_ep, rendezvous=f"{rendezvous_host}:{RENDEZVOUS_PORT}",
         plan_file=f"{CONFIG_MOUNT}/plan.json", placement_file=f"{CONFIG_MOUNT}/placement.json",
-        model_path=model_path, port=port, device=device,
+        model_path=model_path, port=port, device=device, ready_file=READY_FILE,
     ).to_environ()
     env = []
     for name, value in fixed.items():

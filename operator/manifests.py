@@ -34,7 +34,9 @@ from typing import Any
 
 from . import naming
 from .api import API_VERSION, KIND, MoEDeploymentSpec
-from .engine_env import CONFIG_MOUNT, MODEL_MOUNT, POD_INDEX_LABEL, PREFIX, RENDEZVOUS_PORT, build_engine_env
+from .engine_env import (
+    CONFIG_MOUNT, MODEL_MOUNT, POD_INDEX_LABEL, PREFIX, READY_FILE, RENDEZVOUS_PORT, build_engine_env,
+)
 from .hardware import HardwareProfile
 from .placement import PLACEMENT_KEY, PLAN_KEY, Placement, initial_placement
 from .planner import Plan, ranks_per_domain
@@ -321,12 +323,18 @@ def build_engine_container(d: Deployment, replica: int) -> dict[str, Any]:
         ],
     }
     if c.pods_per_replica == 1:
-        # Only pod 0 runs the HTTP server (/healthz, /readyz; see engine/serving.py), so probes fit a
-        # one-pod group. A multi-pod group shares one template: its pods report ready once running.
+        # Only pod 0 runs the HTTP server (/healthz, /readyz; see engine/serving.py), so HTTP probes fit a
+        # one-pod group.
         container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
                                        "failureThreshold": 3}
         container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
                                       "failureThreshold": 6, "initialDelaySeconds": 30}
+    else:
+        # A multi-pod group shares one template and only pod 0 serves HTTP: every pod is ready once its
+        # local rank 0 has loaded its experts and the whole group has joined (the engine writes READY_FILE
+        # after the group's first collective), so a rolled group does not count as serving while loading.
+        container["readinessProbe"] = {"exec": {"command": ["test", "-f", READY_FILE]}, "periodSeconds": 5,
+                                       "failureThreshold": 3}
     return container
 
 

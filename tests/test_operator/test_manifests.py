@@ -268,3 +268,14 @@ def test_podmonitor_example_selects_the_pods_that_serve_metrics(example):
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
     ports = {p["name"] for p in _container(sts)["ports"]}
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+
+
+def test_multi_pod_groups_are_ready_only_when_the_engine_says_so(check_moed):
+    from moeshard.operator.engine_env import READY_FILE
+
+    sts = _kinds(render_objects(check_moed(_qwen("gb200-nvl72"))), "StatefulSet")[0]
+    container = _container(sts)
+    assert sts["spec"]["replicas"] == 4
+    assert container["readinessProbe"]["exec"]["command"] == ["test", "-f", READY_FILE]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MOESHARD_READY_FILE"] == READY_FILE
