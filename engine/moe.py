@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from moeshard.engine.comm import AllToAll
 from moeshard.kernels.fused_moe import fused_expert_ffn
-from moeshard.operator.placement import Placement
+from moeshard.operator.placement import Placement, replica_table
 
 _M32 = 0xFFFFFFFF
 
@@ -68,13 +68,7 @@ class ReplicaTable:
     """
 
     def __init__(self, placement: Placement, layer: int, device: torch.device | str = "cpu") -> None:
-        row, w = placement.phy2log[layer], placement.weights[layer]
-        order = np.lexsort((np.arange(row.size), row))
-        sorted_experts = row[order]
-        cum = np.cumsum(w[order])
-        group_start = np.searchsorted(sorted_experts, sorted_experts, side="left")
-        cum = cum - np.where(group_start > 0, np.cumsum(w[order])[group_start - 1], 0.0)
-        key = sorted_experts + cum
+        order, sorted_experts, key = replica_table(placement, layer)
         self.order = torch.as_tensor(order, dtype=torch.int64, device=device)
         self.sorted_experts = torch.as_tensor(sorted_experts, dtype=torch.int64, device=device)
         self.key = torch.as_tensor(key, dtype=torch.float64, device=device)

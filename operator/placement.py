@@ -235,6 +235,23 @@ def mix_hash(token_keys: np.ndarray, experts: np.ndarray) -> np.ndarray:
     return h.astype(np.float64) / 2.0**32
 
 
+def replica_table(placement: Placement, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lookup table of replica choice for one layer: (order, sorted_experts, key), each [G*S].
+
+    order: slots grouped by expert, in slot order within a group;
+    sorted_experts: the expert of each entry; key: expert id + cumulative share
+    inside its group, so one sorted key covers all groups (expert e's replicas
+    span (e, e + 1]). The engine's torch lookup is built from this same table.
+    """
+    row, w = placement.phy2log[layer], placement.weights[layer]
+    order = np.lexsort((np.arange(row.size), row))
+    sorted_experts = row[order]
+    cum = np.cumsum(w[order])
+    group_start = np.searchsorted(sorted_experts, sorted_experts, side="left")
+    cum = cum - np.where(group_start > 0, cum[group_start - 1], 0.0)
+    return order, sorted_experts, sorted_experts + cum
+
+
 def replica_slot(placement: Placement, layer: int, token_keys: np.ndarray, experts: np.ndarray) -> np.ndarray:
     """Physical slot serving each (token, expert) pair, honouring the shares.
 
@@ -243,16 +260,8 @@ def replica_slot(placement: Placement, layer: int, token_keys: np.ndarray, exper
     same shape. For each expert its replicas are taken in slot order, and the
     pair goes to the first replica whose cumulative share exceeds the hash.
     """
-    row, w = placement.phy2log[layer], placement.weights[layer]
-    # 1. Slots grouped by expert, in slot order within a group.
-    order = np.lexsort((np.arange(row.size), row))
-    sorted_experts = row[order]
-    # 2. Cumulative share inside each group, offset by the expert id, so one
-    #    sorted key covers all groups: expert e's replicas span (e, e + 1].
-    cum = np.cumsum(w[order])
-    group_start = np.searchsorted(sorted_experts, sorted_experts, side="left")
-    cum = cum - np.where(group_start > 0, np.cumsum(w[order])[group_start - 1], 0.0)
-    key = sorted_experts + cum
+    # 1-2. Slots grouped by expert; cumulative shares offset by the expert id.
+    order, sorted_experts, key = replica_table(placement, layer)
     # 3. The chosen replica is the first whose cumulative share exceeds the hash,
     #    clipped into the expert's own group (guards rounding at the top end).
     experts = np.asarray(experts, dtype=np.int64)
