@@ -64,6 +64,10 @@ class StepBatch:
     cache_rows [B]: KV-cache row of each sequence; past_lens [B]: tokens
     already cached; new_lens [B]: tokens in this step; tokens [T] packed;
     token_keys [T]: each token's index in the whole group's step batch.
+    max_new / max_kv: the step's S_q = max(new_lens) and S_kv =
+    max(past_lens + new_lens) as Python ints (0 when B = 0). Pass them when
+    the lengths are known on the host; otherwise they are read from the
+    tensors once here, not once per layer.
     """
 
     cache_rows: torch.Tensor
@@ -71,6 +75,16 @@ class StepBatch:
     new_lens: torch.Tensor
     tokens: torch.Tensor
     token_keys: torch.Tensor
+    max_new: int | None = None
+    max_kv: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new is None or self.max_kv is None:
+            if self.new_lens.numel() == 0:
+                self.max_new, self.max_kv = 0, 0
+            else:
+                spans = torch.stack([self.new_lens.max(), (self.past_lens + self.new_lens).max()]).tolist()
+                self.max_new, self.max_kv = int(spans[0]), int(spans[1])
 
     @property
     def num_tokens(self) -> int:
@@ -78,7 +92,8 @@ class StepBatch:
 
     def token_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence index in the batch [T], offset inside the step [T]) of each packed token."""
-        seq = torch.repeat_interleave(torch.arange(self.new_lens.numel(), device=self.tokens.device), self.new_lens)
+        seq = torch.repeat_interleave(torch.arange(self.new_lens.numel(), device=self.tokens.device), self.new_lens,
+                                      output_size=self.tokens.numel())  # known size: no host sync
         starts = torch.cumsum(self.new_lens, 0) - self.new_lens
         return seq, torch.arange(seq.numel(), device=seq.device) - starts[seq]
 
@@ -169,8 +184,7 @@ class Attention:
         #    enable_gqa is needed, so SDPA's fused masked kernels apply (its GQA path with a mask
         #    falls back to the math kernel, which widens KV and materialises the scores).
         b, g = step.new_lens.numel(), self.heads // self.kv_heads
-        s_q = int(step.new_lens.max())
-        s_kv = int((step.past_lens + step.new_lens).max())
+        s_q, s_kv = step.max_new, step.max_kv  # host ints, computed once per step
         qp = x.new_zeros((b, self.kv_heads, g, s_q, d))
         qp[seq, :, :, off] = q.view(t, self.kv_heads, g, d)
         keys = ck[step.cache_rows, :, :s_kv]

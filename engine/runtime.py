@@ -78,6 +78,16 @@ def load_tokenizer(model_dir: str | Path):
         return None
 
 
+def stop_sets(batch: int, eos_token_id: int | None, stop_token_ids: list[set[int]] | None) -> list[frozenset[int]]:
+    """One stop set per prompt: ``stop_token_ids[i]`` plus ``eos_token_id`` when given."""
+    if stop_token_ids is None:
+        stop_token_ids = [set() for _ in range(batch)]
+    if len(stop_token_ids) != batch:
+        raise ValueError(f"stop_token_ids: one set per prompt is needed ({batch} prompts, {len(stop_token_ids)} sets)")
+    eos = frozenset() if eos_token_id is None else frozenset([int(eos_token_id)])
+    return [frozenset(int(t) for t in s) | eos for s in stop_token_ids]
+
+
 KEY_MODULUS = 2**31  # token keys stay below 2^31 so the 32-bit replica hash never sees an overflowing product
 
 
@@ -147,6 +157,8 @@ class EngineRuntime:
             new_lens=torch.tensor([len(new_tokens[j]) for j in mine], dtype=torch.int64, device=dev),
             tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
             token_keys=torch.tensor(keys, dtype=torch.int64, device=dev),
+            max_new=max((len(new_tokens[j]) for j in mine), default=0),
+            max_kv=max((past[j] + len(new_tokens[j]) for j in mine), default=0),
         )
         return mine, self.model.forward(step, cache)
 
@@ -188,13 +200,22 @@ class EngineRuntime:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
-                 eos_token_id: int | None = None) -> list[list[int]]:
-        """COLLECTIVE. Greedy decoding; returns the new tokens of each prompt (eos included when produced)."""
+                 eos_token_id: int | None = None,
+                 stop_token_ids: list[set[int]] | None = None) -> list[list[int]]:
+        """COLLECTIVE. Greedy decoding; returns the new tokens of each prompt (its stop token included when produced).
+
+        Sequence i finishes after ``max_new_tokens[i]`` tokens or at the first
+        token in its stop set: ``stop_token_ids[i]`` (one set per prompt)
+        plus ``eos_token_id`` when given. A finished sequence leaves the step
+        batch at once; the others go on. Every rank must pass the same
+        arguments (the set of active sequences is replicated state).
+        """
         self._check_prompts(prompts, self.config.vocab_size)
         b = len(prompts)
         limits = [max_new_tokens] * b if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(limits) != b or any(n < 0 for n in limits):
             raise ValueError("max_new_tokens: one non-negative count per prompt (or a single int) is needed")
+        stops = stop_sets(b, eos_token_id, stop_token_ids)
         outputs: list[list[int]] = [[] for _ in range(b)]
         if max(limits) == 0:
             return outputs
@@ -212,12 +233,11 @@ class EngineRuntime:
                 picked[torch.tensor(mine, device=self.device)] = self.model.logits(hidden[last]).argmax(dim=-1)
             dist.all_reduce(picked, op=dist.ReduceOp.MAX)
             still = []
-            for j, i in enumerate(active):
-                tok = int(picked[j])
+            for i, tok in zip(active, picked.tolist()):  # one device-to-host copy per step
                 outputs[i].append(tok)
                 past[i] += len(new_tokens[i])
                 new_tokens[i] = [tok]
-                if len(outputs[i]) < limits[i] and tok != eos_token_id:
+                if len(outputs[i]) < limits[i] and tok not in stops[i]:
                     still.append(i)
             active = still
         return outputs

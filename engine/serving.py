@@ -278,11 +278,19 @@ class PendingRequest:
 
 
 class RequestQueue:
-    """Thread-safe FIFO between the HTTP threads and the step loop."""
+    """Thread-safe FIFO between the HTTP threads and the step loop.
+
+    A request whose client gave up (the HTTP thread cancelled its Future on
+    timeout) is dropped when its turn comes, never computed. Taking a
+    request marks its Future running, so a cancel after that point fails and
+    the request is answered normally (cancel and take are atomic on the
+    Future's lock: exactly one of them wins).
+    """
 
     def __init__(self) -> None:
         self._queue: queue.Queue[PendingRequest] = queue.Queue()
         self._held: PendingRequest | None = None  # taken but did not fit the last batch
+        self.dropped = 0  # cancelled requests skipped so far
 
     def submit(self, request: CompletionRequest) -> PendingRequest:
         pending = PendingRequest(request)
@@ -292,6 +300,19 @@ class RequestQueue:
     def empty(self) -> bool:
         return self._held is None and self._queue.empty()
 
+    def _next(self, timeout: float) -> PendingRequest | None:
+        """The next request not cancelled, waiting up to ``timeout`` s in all (<= 0: only what is queued now)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                pending = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return None
+            if not pending.future.cancelled():
+                return pending
+            self.dropped += 1
+
     def take_batch(self, max_prompts: int, wait: float, window: float = 0.0,
                    max_tokens: int | None = None) -> list[PendingRequest]:
         """Whole requests in arrival order, at most ``max_prompts`` prompts and ``max_tokens`` prompt tokens.
@@ -300,30 +321,28 @@ class RequestQueue:
         more for others (requests a client sent together arrive a few ms apart).
         A request that does not fit is held for the next batch. The first
         request is always taken (parse_completion_request refuses any that
-        exceeds the limits on its own).
+        exceeds the limits on its own). Cancelled requests are skipped; every
+        request returned has its Future marked running.
         """
         batch: list[PendingRequest] = []
         prompts = tokens = 0
         if self._held is None:
-            try:
-                self._held = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                return batch
+            self._held = self._next(wait)
         deadline = time.monotonic() + window
         while self._held is not None:
-            size, count = len(self._held.request.prompts), self._held.request.prompt_tokens
+            pending = self._held
+            size, count = len(pending.request.prompts), pending.request.prompt_tokens
             if batch and (prompts + size > max_prompts or (max_tokens is not None and tokens + count > max_tokens)):
                 break
-            batch.append(self._held)
-            prompts, tokens = prompts + size, tokens + count
             self._held = None
-            if prompts >= max_prompts or (max_tokens is not None and tokens >= max_tokens):
-                break
-            remaining = deadline - time.monotonic()
-            try:
-                self._held = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                pass
+            if pending.future.set_running_or_notify_cancel():
+                batch.append(pending)
+                prompts, tokens = prompts + size, tokens + count
+                if prompts >= max_prompts or (max_tokens is not None and tokens >= max_tokens):
+                    break
+            else:  # cancelled while held for this batch
+                self.dropped += 1
+            self._held = self._next(deadline - time.monotonic())
         return batch
 
 
@@ -334,21 +353,27 @@ class StepCommand:
     kind: str  # "generate" | "idle" | "stop"
     prompts: tuple[tuple[int, ...], ...] = ()
     max_new_tokens: tuple[int, ...] = ()
-    eos_token_id: int | None = None
+    stop_token_ids: tuple[tuple[int, ...], ...] = ()  # [B]: the tokens that end each prompt's decoding
 
     @classmethod
     def for_batch(cls, batch: Sequence[PendingRequest], limits: ServingLimits) -> "StepCommand":
+        """One generate command for the batch: each prompt stops at its request's stop tokens.
+
+        A request's stop set is its ``stop_token_ids`` plus the model's eos
+        ids unless ``ignore_eos`` (parse_completion_request folds them), so
+        the runtime ends each sequence exactly where finish_completion cuts it
+        and no sequence decodes past its stop. Stop strings are still cut
+        afterwards (they are text, not token ids).
+        """
         prompts: list[tuple[int, ...]] = []
         budgets: list[int] = []
+        stops: list[tuple[int, ...]] = []
         for pending in batch:
-            prompts.extend(pending.request.prompts)
-            budgets.extend([pending.request.max_tokens] * len(pending.request.prompts))
-        # The runtime stops a sequence early at one eos id; do that only when every
-        # request in the batch stops there (stop lists are applied afterwards anyway).
-        eos = limits.eos_token_ids[0] if len(limits.eos_token_ids) == 1 else None
-        if eos is not None and not all(eos in p.request.stop_token_ids for p in batch):
-            eos = None
-        return cls("generate", tuple(prompts), tuple(budgets), eos)
+            request = pending.request
+            prompts.extend(request.prompts)
+            budgets.extend([request.max_tokens] * len(request.prompts))
+            stops.extend([tuple(sorted(request.stop_token_ids))] * len(request.prompts))
+        return cls("generate", tuple(prompts), tuple(budgets), tuple(stops))
 
 
 # --------------------------------------------------------------------------- collectives
@@ -426,7 +451,8 @@ class Runtime(Protocol):
     placement: Any
     placement_version: int
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], eos_token_id: int | None = None) -> list[list[int]]: ...
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], eos_token_id: int | None = None,
+                 stop_token_ids: list[set[int]] | None = None) -> list[list[int]]: ...
 
     def expert_token_counts(self) -> np.ndarray: ...
 
@@ -529,7 +555,8 @@ class StepLoop:
             return
         self.generate_calls += 1
         outputs = self.runtime.generate(
-            [list(p) for p in command.prompts], list(command.max_new_tokens), eos_token_id=command.eos_token_id
+            [list(p) for p in command.prompts], list(command.max_new_tokens),
+            stop_token_ids=[set(stops) for stops in command.stop_token_ids],
         )
         self._publish_counts()
         if self.leader:
@@ -712,6 +739,9 @@ def _make_handler(state: ServingState) -> type[BaseHTTPRequestHandler]:
             try:
                 return pending.future.result(timeout=state.request_timeout)
             except TimeoutError:
+                # Still queued: cancel, so the step loop drops it instead of computing an answer nobody reads.
+                # Already taken into a step: cancel fails and the step finishes it (results unread).
+                pending.future.cancel()
                 raise RequestError(None, f"no answer within {state.request_timeout} s", HTTPStatus.GATEWAY_TIMEOUT) from None
 
     return Handler

@@ -43,6 +43,24 @@ def test_generate_stops_at_eos_and_honours_per_prompt_limits(qwen_runtime, tiny_
     assert stopped == [ref[0][: ref[0].index(eos) + 1]]
 
 
+def test_each_sequence_stops_at_its_own_stop_set(qwen_runtime, tiny_checkpoint):
+    _, ref = reference_outputs(tiny_checkpoint("qwen3_moe"), PROMPTS, 6)  # unconstrained greedy runs
+    stop = ref[0][1]
+    before = qwen_runtime.expert_token_counts().sum()
+    out = qwen_runtime.generate(PROMPTS[:2], 6, stop_token_ids=[{stop}, set()])
+    assert out[0] == ref[0][: ref[0].index(stop) + 1]  # the prefix up to and including its stop token
+    assert out[1] == ref[1]  # the other sequence went on to its limit
+    # A finished sequence leaves the step batch: positions processed = prompts + every fed-back token.
+    fed = len(PROMPTS[0]) + len(PROMPTS[1]) + (len(out[0]) - 1) + (len(out[1]) - 1)
+    assert qwen_runtime.expert_token_counts().sum() - before == fed * 4 * 2  # top-4, 2 MoE layers
+    # eos_token_id still applies to every sequence, on top of the per-prompt sets.
+    eos = ref[1][2]
+    both = qwen_runtime.generate(PROMPTS[:2], 6, eos_token_id=eos, stop_token_ids=[{stop}, set()])
+    assert both == [out[0], ref[1][: ref[1].index(eos) + 1]]
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        qwen_runtime.generate(PROMPTS[:2], 6, stop_token_ids=[{stop}])
+
+
 def test_bad_prompts_are_refused_with_the_field(qwen_runtime):
     with pytest.raises(ValueError, match=r"prompts\[1\]: token id 128"):
         qwen_runtime.generate([[1], [128]], 2)

@@ -40,7 +40,7 @@ WORKER = textwrap.dedent(
         def apply_placement(self, p):
             self.applied.append([self.step, p.version])
             self.placement, self.placement_version = p, p.version
-        def generate(self, prompts, max_new_tokens, eos_token_id=None):
+        def generate(self, prompts, max_new_tokens, eos_token_id=None, stop_token_ids=None):
             return [[] for _ in prompts]
         def expert_token_counts(self):
             return np.zeros((2, 4), dtype=np.int64)

@@ -52,7 +52,7 @@ class FakeRuntime:
         self.placement = initial_placement(LAYERS, EXPERTS, 1, EXPERTS)
         self.gate = gate
         self.entered = threading.Event()  # set when generate starts
-        self.calls: list[tuple[list[list[int]], list[int], int | None]] = []
+        self.calls: list[tuple[list[list[int]], list[int], list[set[int]]]] = []  # (prompts, budgets, stop sets)
         self.counts = np.zeros((LAYERS, EXPERTS), dtype=np.int64)
         self.applied: list[int] = []
 
@@ -60,19 +60,21 @@ class FakeRuntime:
     def placement_version(self) -> int:
         return self.placement.version
 
-    def generate(self, prompts, max_new_tokens, eos_token_id=None):
+    def generate(self, prompts, max_new_tokens, eos_token_id=None, stop_token_ids=None):
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(timeout=10)
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-        self.calls.append((prompts, budgets, eos_token_id))
+        stops = [set(s) | ({eos_token_id} if eos_token_id is not None else set())
+                 for s in (stop_token_ids or [set() for _ in prompts])]
+        self.calls.append((prompts, budgets, stops))
         outputs = []
-        for prompt, budget in zip(prompts, budgets):
+        for prompt, budget, stop in zip(prompts, budgets, stops):
             seq, new = list(prompt), []
             while len(new) < budget:
                 new.append(next_token(seq[-1]))
                 seq.append(new[-1])
-                if new[-1] == eos_token_id:
+                if new[-1] in stop:
                     break
             for token in seq[:-1]:  # the last generated token is never fed back
                 self.counts[:, token % EXPERTS] += 1
@@ -224,14 +226,27 @@ def test_a_batch_window_gathers_requests_sent_together():
     assert len(q.take_batch(max_prompts=4, wait=0)) == 2  # no window: what is queued now
 
 
-def test_batch_eos_only_when_every_request_stops_there():
+def test_each_prompt_carries_its_own_stop_set():
     q = RequestQueue()
     stops = parse_completion_request({"prompt": [1]}, LIMITS)
-    ignores = parse_completion_request({"prompt": [[2], [3]], "ignore_eos": True, "max_tokens": 3}, LIMITS)
-    assert StepCommand.for_batch([q.submit(stops)], LIMITS).eos_token_id == VOCAB - 1
+    ignores = parse_completion_request({"prompt": [[2], [3]], "ignore_eos": True, "max_tokens": 3,
+                                        "stop_token_ids": [9, 4]}, LIMITS)
+    assert StepCommand.for_batch([q.submit(stops)], LIMITS).stop_token_ids == ((VOCAB - 1,),)
     command = StepCommand.for_batch([q.submit(stops), q.submit(ignores)], LIMITS)
-    assert command.eos_token_id is None
     assert command.prompts == ((1,), (2,), (3,)) and command.max_new_tokens == (16, 3, 3)
+    assert command.stop_token_ids == ((VOCAB - 1,), (4, 9), (4, 9))  # ignore_eos: no eos for the second request
+
+
+def test_a_cancelled_request_is_never_taken():
+    q = RequestQueue()
+    requests = [CompletionRequest(((i,),) * (1 + i // 3), 1, frozenset(), (), False) for i in range(4)]
+    first, second, third, fourth = [q.submit(r) for r in requests]  # 1, 1, 1 and 2 prompts
+    second.future.cancel()  # its client timed out while it was queued
+    assert q.take_batch(max_prompts=3, wait=0) == [first, third]  # the fourth does not fit and is held
+    assert not q.empty()
+    fourth.future.cancel()  # cancelled while held for the next batch
+    assert q.take_batch(max_prompts=3, wait=0) == [] and q.empty() and q.dropped == 2
+    assert first.future.running() and not first.future.cancel()  # taken: too late to cancel, it will be answered
 
 
 # --------------------------------------------------------------------------- HTTP + loop on one rank
@@ -397,6 +412,42 @@ def test_a_step_never_holds_more_prompt_tokens_than_the_cap():
     finally:
         gate.set()
         server.close()
+
+
+def test_a_request_that_timed_out_is_not_computed_later():
+    gate = threading.Event()
+    server = OneRankServer(FakeRuntime(gate))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(server.request, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})
+            assert server.runtime.entered.wait(timeout=10)  # the step loop is busy with the first request
+            server.state.request_timeout = 0.2
+            status, raw = server.request("POST", "/v1/completions", {"prompt": [2], "max_tokens": 2})
+            assert status == 504, raw  # it waited in the queue past the timeout
+            server.state.request_timeout = 20
+            gate.set()
+            assert first.result(timeout=20)[0] == 200
+        status, raw = server.request("POST", "/v1/completions", {"prompt": [3], "max_tokens": 2})
+        assert status == 200 and json.loads(raw)["choices"][0]["token_ids"] == expected_tokens([3], 2)
+        assert [prompts for prompts, _, _ in server.runtime.calls] == [[[1]], [[3]]]  # [2] never reached generate
+        assert server.queue.dropped == 1
+    finally:
+        gate.set()
+        server.close()
+
+
+def test_serving_stops_decoding_at_a_custom_stop_token(one_rank):
+    stop = expected_tokens([5], 3)[-1]  # the third token of prompt [5]
+    status, raw = one_rank.request("POST", "/v1/completions",
+                                   {"prompt": [[5], [7]], "max_tokens": 10, "stop_token_ids": [stop]})
+    assert status == 200, raw
+    choices = json.loads(raw)["choices"]
+    assert choices[0]["token_ids"] == expected_tokens([5], 2) and choices[0]["finish_reason"] == "stop"
+    unconstrained = expected_tokens([7], 10)
+    want = unconstrained[: unconstrained.index(stop)] if stop in unconstrained else unconstrained
+    assert choices[1]["token_ids"] == want  # the same answer finish_completion would cut from a full run
+    prompts, budgets, stops = one_rank.runtime.calls[-1]
+    assert budgets == [10, 10] and stops == [{stop, VOCAB - 1}] * 2  # custom stop + eos, per prompt
 
 
 def test_a_deeply_nested_body_gets_400(one_rank):
