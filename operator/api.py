@@ -131,10 +131,6 @@ class ModelSpec(_Section):
             dense_intermediate_size=a.dense_intermediate_size, shared_experts=a.shared_experts,
         )
 
-    @property
-    def num_experts(self) -> int:
-        return self.resolve().num_experts
-
 
 # --------------------------------------------------------------------------- hardware
 

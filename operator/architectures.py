@@ -10,7 +10,7 @@ I expert intermediate size, L layers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 ARCHITECTURES = ("qwen3_moe", "mixtral", "deepseek_v3")
 
@@ -88,9 +88,6 @@ class ModelArchitecture:
     @property
     def active_params(self) -> int:
         return self.replicated_params + self.moe_layers * self.top_k * self.expert_params
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 PRESETS: dict[str, ModelArchitecture] = {

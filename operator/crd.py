@@ -163,7 +163,7 @@ def _inline(schema: Any, defs: dict[str, Any]) -> Any:
             return _inline(merged, defs)
     out: dict[str, Any] = {}
     for key, value in schema.items():
-        if key in ("title", "$defs", "additionalProperties") and not (key == "additionalProperties" and isinstance(value, dict)):
+        if key in ("title", "$defs") or (key == "additionalProperties" and not isinstance(value, dict)):
             continue
         if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             # JSON Schema 2020 (pydantic) -> OpenAPI v3.0 (Kubernetes): a bound plus a boolean flag.

@@ -12,7 +12,7 @@ one step of an all-reduce, in seconds.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 GB = 1e9
 GiB = 2**30
@@ -41,9 +41,6 @@ class HardwareProfile:
     bf16_flops: float  # dense
     memory_bytes: float  # per GPU
     uses_gpus: bool = True  # False for the cpu profile: pods ask for CPU, not nvidia.com/gpu
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def with_overrides(self, **figures: float) -> "HardwareProfile":
         return replace(self, **figures)

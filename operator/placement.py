@@ -61,9 +61,6 @@ class _PlacementModel(BaseModel):
     layers: list[_LayerModel] = Field(min_length=1)
 
 
-# The JSON schema of the file, for documentation and for non-Python readers.
-PLACEMENT_JSON_SCHEMA: dict[str, Any] = _PlacementModel.model_json_schema(by_alias=True)
-
 
 @dataclass(frozen=True)
 class Placement:

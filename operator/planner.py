@@ -90,7 +90,7 @@ on gb200-nvl72, with EP 32 worse. Its figures differ from the brief's:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .api import MoEDeploymentSpec, SpecError, WorkloadSpec
@@ -134,10 +134,6 @@ class Candidate:
     bottleneck: str  # compute-bound | memory-bound | communication-bound
     verdict: str  # sweet spot | the bottleneck | infeasible
     chosen: bool = False
-
-    @property
-    def gpus_per_replica(self) -> int:
-        return self.expert_ep
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -441,7 +437,7 @@ def plan_parallelism(
     marked = []
     for c in candidates:
         if c is chosen:
-            c = _replace(c, chosen=True, verdict="sweet spot")
+            c = replace(c, chosen=True, verdict="sweet spot")
         marked.append(c)
     chosen = next(c for c in marked if c.chosen)
     notes = []
@@ -451,12 +447,6 @@ def plan_parallelism(
         chosen=chosen, candidates=marked, model=model, hardware=hardware,
         workload=workload.model_dump(by_alias=True), redundant_slots=redundant_slots, notes=notes,
     )
-
-
-def _replace(c: Candidate, **changes: Any) -> Candidate:
-    values = asdict(c)
-    values.update(changes)
-    return Candidate(**values)
 
 
 def _no_plan_error(

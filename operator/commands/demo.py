@@ -31,9 +31,12 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..api import parse_resource
+from ..balancer import rebalance_placement
 from ..naming import METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_VERSION, METRIC_RANK_PAIRS
 from ..placement import Placement, gpu_loads, initial_placement, parse_placement
-from .plan import DEFAULT_DEPLOYMENT
+from ..planner import plan_for_spec
+from .plan import DEFAULT_DEPLOYMENT, format_table, load_resource
 
 HELP = "Run the whole loop locally on CPU: plan, tiny model, 4-rank engine, skewed traffic, rebalance, reload."
 
@@ -114,16 +117,11 @@ def _max_mean(values: np.ndarray) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..balancer import rebalance_placement
-    from .plan import _load_resource, format_table
-    from ..api import parse_resource
-    from ..planner import plan_for_spec
-
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="moeshard-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "moeshard.operator.cli"]
 
-    plan = plan_for_spec(parse_resource(_load_resource(str(DEFAULT_DEPLOYMENT))))
+    plan = plan_for_spec(parse_resource(load_resource(str(DEFAULT_DEPLOYMENT))))
     _step(1, "plan the built-in default deployment")
     print("      " + next(line for line in format_table(plan).splitlines() if line.startswith("chosen:")))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from ..api import API_VERSION, KIND, SpecError, WorkloadSpec, parse_resource
 from ..architectures import PRESETS, architecture_from_hf_config, get_preset
@@ -56,7 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="draw estimated step time versus EP, by part")
 
 
-def _load_resource(path: str) -> dict[str, Any]:
+def load_resource(path: str) -> dict[str, Any]:
+    """The first MoEDeployment document of a YAML file; SpecError names the file when there is none."""
     text = Path(path).read_text()
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
@@ -74,8 +76,8 @@ def _plan_from_args(args: argparse.Namespace) -> Plan:
     if args.file:
         if args.preset or args.config or args.hardware:
             raise SpecError("--preset/--config/--hardware", "give either FILE or a preset/config with --hardware")
-        body = _load_resource(args.file)
-        spec_dict = body.get("spec") if isinstance(body.get("spec"), dict) else body.get("spec")
+        body = load_resource(args.file)
+        spec_dict = body.get("spec")
         # Command-line sizes override the file's, as a what-if.
         if isinstance(spec_dict, dict):
             overrides = {
@@ -118,8 +120,8 @@ def _plan_from_args(args: argparse.Namespace) -> Plan:
                 "prefillTokens": args.tokens, "decodeBatch": args.decode_batch, "contextLength": args.context,
             }.items() if v is not None
         })
-    except Exception as exc:  # pydantic ValidationError: name the flag
-        error = exc.errors()[0]  # type: ignore[attr-defined]
+    except ValidationError as exc:  # name the flag, not the spec field
+        error = exc.errors()[0]
         flag = {"prefillTokens": "--tokens", "decodeBatch": "--decode-batch", "contextLength": "--context"}
         raise SpecError(flag[str(error["loc"][0])], error["msg"]) from None
     for flag, value in (("--ep", args.ep), ("--tp", args.tp), ("--replicas", args.replicas), ("--redundant-slots", args.redundant_slots)):
