@@ -464,3 +464,28 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15, interval: float 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}; last value {last!r}")
+
+
+def stale_list_reaction(emulator: Any, resource: str, namespace: str, list_kind: str,
+                        when: Callable[[], bool] = lambda: True) -> tuple[Callable[[Any], dict], list[int]]:
+    """A LIST reaction that serves ``resource`` one resourceVersion old, once, the first time ``when()`` holds.
+
+    It plays a lagging informer cache: a patch built on it gets a real 409. Returns the reaction
+    (install it with ``em["list", kmock.resource(resource)] << reaction``) and a list that holds
+    one entry once the stale list was served.
+    """
+    served: list[int] = []
+
+    def reaction(request: Any) -> dict:
+        if served or not when():
+            raise NotImplementedError  # fall through to the emulator's normal list
+        served.append(1)
+        items = []
+        for (res, ns, _name), obj in emulator.emulator.objects.items():
+            if res == kmock.resource(resource) and ns == namespace and not obj.deleted:
+                item = json.loads(json.dumps(obj.raw))
+                item["metadata"]["resourceVersion"] = str(int(item["metadata"]["resourceVersion"]) - 1)
+                items.append(item)
+        return {"kind": list_kind, "metadata": {}, "items": items}
+
+    return reaction, served

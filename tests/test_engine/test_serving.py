@@ -368,19 +368,25 @@ def test_not_ready_while_loading():
         server.server_close()
 
 
+def _queue_behind_a_busy_step(server, bodies: list[dict]) -> list[tuple[int, bytes]]:
+    """Send [1] first and hold it inside generate (the runtime's gate); queue ``bodies`` behind it,
+    then open the gate. Returns every (status, body), the first request's first."""
+    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+        first = pool.submit(server.request, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})
+        assert server.runtime.entered.wait(timeout=10)  # the first request is inside generate, held by the gate
+        rest = [pool.submit(server.request, "POST", "/v1/completions", body) for body in bodies]
+        while server.queue._queue.qsize() < len(bodies):
+            time.sleep(0.01)
+        server.runtime.gate.set()
+        return [f.result(timeout=20) for f in [first, *rest]]
+
+
 def test_requests_that_arrive_together_share_a_step():
     gate = threading.Event()
     server = OneRankServer(FakeRuntime(gate))
     try:
-        with ThreadPoolExecutor(4) as pool:
-            first = pool.submit(server.request, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})
-            assert server.runtime.entered.wait(timeout=10)  # the first request is inside generate, held by the gate
-            rest = [pool.submit(server.request, "POST", "/v1/completions", {"prompt": [[i], [i + 1]], "max_tokens": 3})
-                    for i in (10, 20, 30)]
-            while server.queue._queue.qsize() < 3:
-                time.sleep(0.01)
-            gate.set()
-            answers = [f.result(timeout=20) for f in [first, *rest]]
+        answers = _queue_behind_a_busy_step(
+            server, [{"prompt": [[i], [i + 1]], "max_tokens": 3} for i in (10, 20, 30)])
         assert all(status == 200 for status, _ in answers)
         batch_sizes = [len(prompts) for prompts, _, _ in server.runtime.calls]
         assert batch_sizes == [1, 6]
@@ -397,15 +403,8 @@ def test_a_step_never_holds_more_prompt_tokens_than_the_cap():
                            max_num_batched_tokens=4)
     server = OneRankServer(FakeRuntime(gate), limits=limits)
     try:
-        with ThreadPoolExecutor(4) as pool:
-            first = pool.submit(server.request, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})
-            assert server.runtime.entered.wait(timeout=10)
-            rest = [pool.submit(server.request, "POST", "/v1/completions", {"prompt": [[i], [i + 1, i + 2]], "max_tokens": 2})
-                    for i in (10, 20, 30)]
-            while server.queue._queue.qsize() < 3:
-                time.sleep(0.01)
-            gate.set()
-            answers = [f.result(timeout=20) for f in [first, *rest]]
+        answers = _queue_behind_a_busy_step(
+            server, [{"prompt": [[i], [i + 1, i + 2]], "max_tokens": 2} for i in (10, 20, 30)])
         assert all(status == 200 for status, _ in answers)
         # 3 tokens per queued request: two never fit under 4, so each waits for its own step.
         assert [sum(map(len, prompts)) for prompts, _, _ in server.runtime.calls] == [1, 3, 3, 3]

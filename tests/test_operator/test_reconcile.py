@@ -7,7 +7,6 @@ StatefulSet status and Pods.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from typing import Any
 
@@ -19,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from moeshard.operator.handlers import cleanup, reconcile
 from moeshard.operator.kube import KubeError
 from moeshard.operator.placement import parse_placement
+from support.kube_emulator import stale_list_reaction
 
 NS = "test"
 GROUP, VERSION, PLURAL = "moeshard.io", "v1alpha1", "moedeployments"
@@ -261,20 +261,7 @@ def test_stale_list_conflict_is_retried(kube, custom, emulator, example, check_m
     _create(custom, check_moed(example("tiny-cpu")))
     _settle(kube, custom, emulator)
     custom.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "tiny", {"spec": {"workload": {"decodeBatch": 8}}})
-    served = []
-
-    def stale_list(request):
-        if served:
-            raise NotImplementedError  # only once; then the normal list
-        served.append(1)
-        items = []
-        for (res, ns, name), obj in emulator.emulator.objects.items():
-            if res == kmock.resource(CM) and ns == NS and not obj.deleted:
-                item = copy.deepcopy(obj.raw)
-                item["metadata"]["resourceVersion"] = str(int(item["metadata"]["resourceVersion"]) - 1)
-                items.append(item)
-        return {"kind": "ConfigMapList", "metadata": {}, "items": items}
-
+    stale_list, served = stale_list_reaction(emulator, CM, NS, "ConfigMapList")
     emulator.call(lambda em: em["list", kmock.resource(CM)] << stale_list)
     outcome = _reconcile(kube, custom)
     assert served and emulator.emulator.conflicts == ["ConfigMap/tiny-config"]

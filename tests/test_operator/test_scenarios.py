@@ -8,13 +8,12 @@ the StatefulSet controller by marking every group's pods ready.
 from __future__ import annotations
 
 import asyncio
-import copy
 import threading
 from typing import Any
 
 import kmock
 
-from support.kube_emulator import wait_for
+from support.kube_emulator import stale_list_reaction, wait_for
 
 GROUP, VERSION, PLURAL, NS = "moeshard.io", "v1alpha1", "moedeployments", "test"
 STS, SVC, PDB, CM, EVENTS = ("apps/v1/statefulsets", "v1/services", "policy/v1/poddisruptionbudgets",
@@ -134,23 +133,13 @@ def test_lifecycle_create_update_ep_scale_conflict_delete(start_operator, custom
 def _stale_config_map_list(emulator, decode_batch: int):
     """A LIST reaction serving the ConfigMaps one resourceVersion old, once, as soon as the
     MoEDeployment asks for ``decode_batch`` (so a resync racing the edit cannot use it up)."""
-    served = []
     moeds = kmock.resource("moeshard.io/v1alpha1/moedeployments")
 
-    def stale_list(request):
+    def edited() -> bool:
         moed = emulator.emulator.objects[moeds, NS, "tiny"].raw
-        if served or moed["spec"].get("workload", {}).get("decodeBatch") != decode_batch:
-            raise NotImplementedError
-        served.append(1)
-        items = []
-        for (res, ns, name), obj in emulator.emulator.objects.items():
-            if res == kmock.resource(CM) and ns == NS and not obj.deleted:
-                item = copy.deepcopy(obj.raw)
-                item["metadata"]["resourceVersion"] = str(int(item["metadata"]["resourceVersion"]) - 1)
-                items.append(item)
-        return {"kind": "ConfigMapList", "metadata": {}, "items": items}
+        return moed["spec"].get("workload", {}).get("decodeBatch") == decode_batch
 
-    return stale_list
+    return stale_list_reaction(emulator, CM, NS, "ConfigMapList", when=edited)[0]
 
 
 def test_bad_specs_get_conditions_while_good_ones_are_served(start_operator, custom, kube, emulator, example,
