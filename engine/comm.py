@@ -52,19 +52,26 @@ class CommStats:
     world_size: int
     link_bytes: dict[str, int] = field(default_factory=lambda: {c: 0 for c in LINK_CLASSES})
     rank_tokens: list[int] = field(default_factory=list)  # [W] token rows dispatched to each final rank
-    rank_pairs: list[int] = field(default_factory=list)  # [W] (token, expert) pairs computed by each rank
+    # [W + 1] (token, expert) pairs computed by each rank (slot 0: pairs with no rank), kept on the
+    # device so counting them costs no host sync per layer; read by rank_pair_counts().
+    pair_counts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.rank_tokens:
             self.rank_tokens = [0] * self.world_size
-        if not self.rank_pairs:
-            self.rank_pairs = [0] * self.world_size
 
     def add_pairs(self, dest_rank: torch.Tensor) -> None:
         """Count this rank's (token, expert) pairs by the rank that computes them (the GEMM load)."""
-        counts = torch.bincount(dest_rank[dest_rank >= 0].reshape(-1), minlength=self.world_size)
-        for r, n in enumerate(counts.tolist()):
-            self.rank_pairs[r] += n
+        if self.pair_counts is None:
+            self.pair_counts = torch.zeros(self.world_size + 1, dtype=torch.int64, device=dest_rank.device)
+        index = (dest_rank.reshape(-1) + 1).clamp(min=0)
+        self.pair_counts.scatter_add_(0, index, torch.ones_like(index))
+
+    @property
+    def rank_pairs(self) -> list[int]:
+        if self.pair_counts is None:
+            return [0] * self.world_size
+        return self.pair_counts[1:].tolist()
 
 
 @dataclass
