@@ -94,8 +94,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .api import MoEDeploymentSpec, SpecError, WorkloadSpec
-from .architectures import ModelArchitecture
-from .hardware import HardwareProfile
+from moeshard.core.architectures import ModelArchitecture
+from moeshard.core.hardware import HardwareProfile
 
 MEMORY_USABLE_FRACTION = 0.92  # CUDA context, allocator fragmentation, NCCL buffers
 ACTIVATION_BYTES = 2  # BF16 activations and dispatch payloads
@@ -116,6 +116,7 @@ class Candidate:
     pods_per_replica: int
     gpus_per_pod: int
     slots_per_gpu: int
+    ranks_per_domain: int  # M: ranks of one group inside one NVLink domain (what the engine is told)
     domains_per_replica: int
     crosses_fabric: bool
     tokens_per_expert: float
@@ -373,7 +374,7 @@ def _evaluate(
         bottleneck = "compute-bound"
     return Candidate(
         attention_tp=tp, expert_ep=ep, replicas=replicas, pods_per_replica=pods, gpus_per_pod=gpus_per_pod,
-        slots_per_gpu=slots_per_gpu, domains_per_replica=domains, crosses_fabric=crosses,
+        slots_per_gpu=slots_per_gpu, ranks_per_domain=m, domains_per_replica=domains, crosses_fabric=crosses,
         tokens_per_expert=tokens_per_expert, tokens_per_slot=tokens_per_slot,
         dispatch_us=comm.dispatch_s * 1e6, gemm_us=gemm * 1e6, combine_us=comm.combine_s * 1e6,
         moe_step_us=moe_step * 1e6, decode_attention_us=attention * 1e6, step_us=(moe_step + attention) * 1e6,

@@ -33,8 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ..api import parse_resource
 from ..balancer import rebalance_placement
-from ..naming import METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_VERSION, METRIC_RANK_PAIRS
-from ..placement import Placement, gpu_loads, initial_placement, parse_placement
+from moeshard.core.naming import METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_VERSION, METRIC_RANK_PAIRS
+from moeshard.core.placement import Placement, gpu_loads, initial_placement, parse_placement
 from ..planner import plan_for_spec
 from .plan import DEFAULT_DEPLOYMENT, format_table, load_resource
 
@@ -119,7 +119,7 @@ def _max_mean(values: np.ndarray) -> float:
 def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="moeshard-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    cli = [sys.executable, "-m", "moeshard.operator.cli"]
+    cli = [sys.executable, "-m", "moeshard.cli.main"]
 
     plan = plan_for_spec(parse_resource(load_resource(str(DEFAULT_DEPLOYMENT))))
     _step(1, "plan the built-in default deployment")

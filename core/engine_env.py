@@ -145,11 +145,13 @@ def build_engine_env(
     port: int,
     device: str,
     model_path: str = MODEL_MOUNT,
+    pod_index_label: str = POD_INDEX_LABEL,
 ) -> list[dict]:
     """Container ``env`` entries for one engine pod template of a replica group.
 
-    The pod index is not known to the template: it comes from the StatefulSet
-    pod-index label through the downward API.
+    The pod index is not known to the template: it comes from a pod label
+    through the downward API (the StatefulSet pod-index label, or the
+    LeaderWorkerSet worker-index label).
     """
     fixed = EngineEnvironment(
         deployment=deployment, namespace=namespace, replica_index=replica_index, pod_index=0,
@@ -163,7 +165,7 @@ def build_engine_env(
         if name == PREFIX + "POD_INDEX":
             env.append({
                 "name": name,
-                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}},
+                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{pod_index_label}']"}},
             })
         else:
             env.append({"name": name, "value": value})
