@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from moeshard.core.layout import attention_tp_problem, global_rank
+
 PREFIX = "MOESHARD_"
 CONFIG_MOUNT = "/etc/moeshard"  # the ConfigMap (plan.json, placement.json) is mounted here
 MODEL_MOUNT = "/models"
@@ -102,13 +104,18 @@ class EngineEnvironment:
                 f"{PREFIX}PODS_PER_GROUP x {PREFIX}GPUS_PER_POD ({env.pods_per_group} x {env.gpus_per_pod}) "
                 f"must equal {PREFIX}EXPERT_EP ({env.expert_ep})"
             )
-        if env.expert_ep % env.attention_tp:
-            raise ValueError(f"{PREFIX}ATTENTION_TP ({env.attention_tp}) must divide {PREFIX}EXPERT_EP ({env.expert_ep})")
+        problem = attention_tp_problem(env.attention_tp, env.expert_ep, gpus_per_pod=env.gpus_per_pod)
+        if problem:
+            raise ValueError(f"{PREFIX}ATTENTION_TP: {problem}")
         if env.pod_index >= env.pods_per_group:
             raise ValueError(f"{PREFIX}POD_INDEX ({env.pod_index}) must be < {PREFIX}PODS_PER_GROUP ({env.pods_per_group})")
         if env.device not in ("cuda", "cpu"):
             raise ValueError(f"{PREFIX}DEVICE must be cuda or cpu, got {env.device!r}")
         return env
+
+    def global_rank(self, local_rank: int) -> int:
+        """Rank inside the EP group of this pod's ``local_rank``-th GPU."""
+        return global_rank(self.pod_index, self.gpus_per_pod, local_rank)
 
     def to_environ(self) -> dict[str, str]:
         return {
