@@ -175,6 +175,6 @@ class ParallelConfig:
         if not 0 <= local_rank < env.gpus_per_pod:
             raise ValueError(f"local_rank {local_rank} must be in 0..{env.gpus_per_pod - 1} (MOESHARD_GPUS_PER_POD)")
         return cls(
-            rank=env.pod_index * env.gpus_per_pod + local_rank, world_size=env.expert_ep, tp_size=env.attention_tp,
+            rank=env.global_rank(local_rank), world_size=env.expert_ep, tp_size=env.attention_tp,
             gpus_per_domain=env.gpus_per_domain, device=env.device, gpus_per_pod=env.gpus_per_pod,
         )

@@ -19,7 +19,6 @@ A step (prefill or one decode token) runs like this on every rank:
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -32,23 +31,23 @@ from moeshard.engine.loading import CheckpointReader
 from moeshard.engine.model import MoEModel, StepBatch, build_model
 from moeshard.engine.moe import expert_transfers
 from moeshard.engine.parallel import ProcessGroups, init_world
-from moeshard.core.placement import Placement, PlacementError, initial_placement, parse_placement
+from moeshard.core.layout import fewest_redundant_slots, slots_per_gpu
+from moeshard.core.placement import (
+    Placement, PlacementError, PlacementShape, check_fits, initial_placement, parse_placement,
+)
 
 log = logging.getLogger("moeshard.engine.runtime")
 
 
 def default_slots_per_gpu(num_experts: int, world_size: int) -> int:
-    return math.ceil(num_experts / world_size)
+    """Slots per rank of a group without a plan: every expert once, the fewest extra slots as replicas."""
+    return slots_per_gpu(num_experts, fewest_redundant_slots(num_experts, world_size), world_size)
 
 
 def check_placement(placement: Placement, cfg: ModelConfig, world_size: int) -> None:
-    """Raise PlacementError unless the placement fits this model and group."""
-    if placement.num_gpus != world_size:
-        raise PlacementError(f"numGpus: placement has {placement.num_gpus}, the EP group has {world_size} ranks")
-    if placement.num_experts != cfg.num_experts:
-        raise PlacementError(f"numExperts: placement has {placement.num_experts}, the model has {cfg.num_experts}")
-    if placement.num_layers != cfg.num_moe_layers:
-        raise PlacementError(f"layers: placement has {placement.num_layers}, the model has {cfg.num_moe_layers} MoE layers")
+    """Raise PlacementError unless the placement fits this model and group (any slots per rank)."""
+    check_fits(placement, PlacementShape(num_gpus=world_size, slots_per_gpu=placement.slots_per_gpu,
+                                         num_experts=cfg.num_experts, num_layers=cfg.num_moe_layers))
 
 
 def load_initial_placement(path: str | Path | None, cfg: ModelConfig, world_size: int) -> Placement:
