@@ -32,6 +32,7 @@ from moeshard.engine.model import MoEModel, StepBatch, build_model
 from moeshard.engine.moe import expert_transfers
 from moeshard.engine.parallel import ProcessGroups, init_world
 from moeshard.core.layout import fewest_redundant_slots, slots_per_gpu
+from moeshard.core.plan_file import PlanFile
 from moeshard.core.placement import (
     Placement, PlacementError, PlacementShape, check_fits, initial_placement, parse_placement,
 )
@@ -50,8 +51,13 @@ def check_placement(placement: Placement, cfg: ModelConfig, world_size: int) -> 
                                          num_experts=cfg.num_experts, num_layers=cfg.num_moe_layers))
 
 
-def load_initial_placement(path: str | Path | None, cfg: ModelConfig, world_size: int) -> Placement:
-    """The placement file when it exists and fits the model, else the version-0 layout (E/EP slots per rank)."""
+def load_initial_placement(path: str | Path | None, cfg: ModelConfig, world_size: int,
+                           plan_slots_per_gpu: int | None = None) -> Placement:
+    """The placement file when it exists and fits the model, else the version-0 layout.
+
+    ``plan_slots_per_gpu`` comes from plan.json when the operator wrote one; without a plan, every expert once
+    plus the fewest extra slots (default_slots_per_gpu).
+    """
     if path is not None and Path(path).is_file():
         try:
             placement = parse_placement(Path(path).read_text())
@@ -60,7 +66,7 @@ def load_initial_placement(path: str | Path | None, cfg: ModelConfig, world_size
         except PlacementError as exc:
             log.warning("placement file %s refused (%s); using the initial placement", path, exc)
     return initial_placement(cfg.num_moe_layers, cfg.num_experts, world_size,
-                             default_slots_per_gpu(cfg.num_experts, world_size))
+                             plan_slots_per_gpu or default_slots_per_gpu(cfg.num_experts, world_size))
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -123,12 +129,16 @@ class EngineRuntime:
                comm_mode: str = "auto") -> "EngineRuntime":
         """From a moeshard.core.engine_env.EngineEnvironment: join the group, read this rank's share."""
         parallel = ParallelConfig.from_env(env, local_rank)
+        cfg = ModelConfig.from_pretrained(env.model_path)
+        plan = PlanFile.read(env.plan_file)  # the operator's layout; absent for a local group
+        if plan is not None:
+            plan.check_environment(env)  # before joining the group: a bad pod fails alone, at once
         if parallel.device == "cuda":
             torch.cuda.set_device(local_rank)
         if init_process_group:
             init_world(parallel, env.rendezvous)
-        cfg = ModelConfig.from_pretrained(env.model_path)
-        placement = load_initial_placement(env.placement_file, cfg, parallel.world_size)
+        placement = load_initial_placement(env.placement_file, cfg, parallel.world_size,
+                                           plan.slots_per_gpu if plan is not None else None)
         return cls(model_dir=env.model_path, parallel=parallel, placement=placement, dtype=dtype, comm_mode=comm_mode)
 
     # -- stepping ---------------------------------------------------------------
