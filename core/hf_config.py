@@ -20,6 +20,8 @@ from typing import Any
 from moeshard.core.errors import UserError
 
 HF_MODEL_TYPES = ("qwen3_moe", "mixtral", "deepseek_v3")
+# config.json keys that announce quantized weights (FP8 block scales, GPTQ, AWQ, compressed-tensors...).
+QUANTIZATION_KEYS = ("quantization_config", "compression_config")
 
 
 class ConfigError(UserError):
@@ -65,7 +67,7 @@ class HFConfig:
     sliding_window: int | None
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
-    quantization: str | None  # quantization_config.quant_method (e.g. "fp8") when the weights are quantized
+    quantization: str | None  # "KEY (quant_method METHOD)" when the weights are quantized, e.g. fp8 block scales
     latent_attention: LatentAttention | None = None
 
     @property
@@ -144,7 +146,12 @@ def read_hf_config(raw: Any) -> HFConfig:
         head_dim = latent.v_head_dim
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     eos = raw.get("eos_token_id")
-    quant = raw.get("quantization_config")
+    quantization = None
+    for key in QUANTIZATION_KEYS:
+        if raw.get(key):
+            method = raw[key].get("quant_method", "unknown") if isinstance(raw[key], dict) else raw[key]
+            quantization = f"{key} (quant_method {method!r})"
+            break
     return HFConfig(
         model_type=model_type, vocab_size=_int(raw, "vocab_size"), hidden_size=hidden, num_layers=layers,
         num_attention_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim), num_experts=experts, top_k=top_k,
@@ -162,7 +169,6 @@ def read_hf_config(raw: Any) -> HFConfig:
                         else None),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
-        quantization=(str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else
-                      ("unknown" if quant else None)),
+        quantization=quantization,
         latent_attention=latent,
     )

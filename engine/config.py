@@ -78,10 +78,10 @@ class ModelConfig:
         if hf.rope_type != "default":
             raise ModelConfigError(f"config.json: rope_parameters.rope_type {hf.rope_type!r} is not supported (only default)")
         if hf.quantization is not None:
-            # Loading quantized weights as if they were bf16 gives garbage logits: refuse until supported.
+            # The engine would read quantized weights as plain floats and return wrong logits: refuse them.
             raise ModelConfigError(
-                f"config.json: quantization_config (quant_method {hf.quantization!r}) is not supported yet; "
-                "serve a bf16/fp16/fp32 checkpoint"
+                f"config.json: {hf.quantization} is not supported: the engine serves only "
+                "unquantized float32/bfloat16/float16 checkpoints"
             )
         return cls(
             model_type=hf.model_type, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_layers,

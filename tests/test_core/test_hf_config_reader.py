@@ -27,7 +27,7 @@ def test_planner_and_engine_read_the_same_figures():
 
 def test_quantized_checkpoint_is_read_but_refused_by_the_engine():
     raw = QWEN | {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
-    assert read_hf_config(raw).quantization == "fp8"
+    assert read_hf_config(raw).quantization == "quantization_config (quant_method 'fp8')"
     with pytest.raises(ModelConfigError, match=r"quantization_config \(quant_method 'fp8'\)"):
         ModelConfig.from_dict(raw)
 
