@@ -401,9 +401,14 @@ class AutoscalingSpec(_Section):
             raise ValueError(f"minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})")
         if self.min_replicas == 0 and self.engine != "keda":
             raise ValueError("minReplicas (0) needs engine keda: an HPA cannot scale to zero")
-        if parse_duration(self.scale_down_stabilization) > MAX_STABILIZATION_SECONDS:
-            raise ValueError("scaleDownStabilization must not exceed 1h (the HPA's limit)")
         return self
+
+    @field_validator("scale_down_stabilization")
+    @classmethod
+    def _within_hpa_limit(cls, value: str) -> str:
+        if parse_duration(value) > MAX_STABILIZATION_SECONDS:
+            raise ValueError("must not exceed 1h (the HPA's limit)")
+        return value
 
 
 # --------------------------------------------------------------------------- the resource
