@@ -181,14 +181,14 @@ def build_autoscaler(d: Deployment) -> dict[str, Any] | None:
     return build_scaled_object(d) if spec.engine == "keda" else build_hpa(d)
 
 
-def build_recording_rules() -> dict[str, Any]:
-    """A Prometheus rule file (``groups:``) recording every serving signal per deployment.
+def build_recording_rules(interval: str = "15s") -> dict[str, Any]:
+    """A Prometheus rule file (``groups:``) recording every serving signal per deployment, every ``interval``.
 
     The same groups go into a prometheus-operator PrometheusRule's ``spec``.
     """
     return {"groups": [{
         "name": "moeshard-autoscaling",
-        "interval": "15s",
+        "interval": interval,
         "rules": [{"record": s.record, "expr": s.expr} for s in SIGNALS.values()],
     }]}
 
