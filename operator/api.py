@@ -456,7 +456,8 @@ class MoEDeploymentSpec(_Section):
 class Condition(_Section):
     """A status condition (metav1.Condition)."""
 
-    type: str = Field(description="Planned, Available, Progressing, Degraded, Balanced or MetricsAvailable.")
+    type: str = Field(description="Planned, Available, Progressing, Degraded, Ready, Reconciling, Stalled, Balanced "
+                                  "or MetricsAvailable.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason.")
     message: str = Field("", description="Human-readable detail; names the spec field for bad input.")

@@ -251,7 +251,8 @@ class _Reconciler:
             pods=self.children("Pod"),
         )
 
-        # 3. config and front Service
+        # 3. config and front Service (rank-0 pods labelled for it first, with spec.autoscaling)
+        self.label_serving(d, live)
         self.config_map(d, live.config_maps.get(naming.config_map_name(self.name)))
         self.apply(build_service(d), live.services.get(naming.service_name(self.name)))
 
@@ -291,27 +292,20 @@ class _Reconciler:
         return self.outcome
 
     # ------------------------------------------------------------ scale in, autoscaler, scheduling
-    def drain_groups(self, d: Deployment, live: "_Children") -> set[int]:
-        """Label rank 0 of every group for the front Service; drain the groups a scale-in removes.
+    def label_serving(self, d: Deployment, live: "_Children") -> None:
+        """Set ``moeshard.io/serving`` on rank 0 of every group: "true" below the desired count, else "false".
 
         Only with ``spec.autoscaling`` (whose front Service also selects
-        ``moeshard.io/serving=true``), or while a live Service still selects
-        that label. A group at index >= replicas is drained in three steps:
-          1. its StatefulSet gets ``moeshard.io/draining-since`` and its rank-0
-             pod ``moeshard.io/serving=false``: the front Service stops sending it
-             requests, its running requests go on;
-          2. it stays (with its headless Service and PDB) for
-             ``spec.autoscaling.drainTimeout``, or less when it serves nothing
-             (no pod ready);
-          3. it is deleted like any scaled-down group; the kubelet's SIGTERM
-             then makes the engine finish what is still queued.
-        A scale-out while a group drains takes it back (annotation removed,
-        serving again). Returns the replica indices still draining (kept).
+        ``moeshard.io/serving=true``), or while the live front Service still
+        selects that label (a merge patch cannot drop a selector key, so after
+        the section goes the labels keep it truthful). Runs before the front
+        Service is applied, so a Service that starts selecting the label never
+        finds no pod. Pods are labelled by the operator, not the pod template:
+        adding the section rolls no group.
         """
         front = live.services.get(naming.service_name(self.name)) or {}
-        gated = d.spec.autoscaling is not None or SERVING_LABEL in ((front.get("spec") or {}).get("selector") or {})
-        if not gated:
-            return set()
+        if d.spec.autoscaling is None and SERVING_LABEL not in ((front.get("spec") or {}).get("selector") or {}):
+            return
         rank0 = pod_index_label(d)
         for pod in live.pods:
             meta = pod.get("metadata") or {}
@@ -321,6 +315,22 @@ class _Reconciler:
             want = "true" if r < d.replicas else "false"
             if (meta.get("labels") or {}).get(SERVING_LABEL) != want:
                 self.kube.patch("v1", "pods", self.namespace, meta["name"], {"metadata": {"labels": {SERVING_LABEL: want}}})
+
+    def drain_groups(self, d: Deployment, live: "_Children") -> set[int]:
+        """With ``spec.autoscaling``, drain the groups a scale-in removes; returns the indices still draining.
+
+        A group at index >= replicas goes in three steps:
+          1. ``label_serving`` turned its rank-0 pod ``moeshard.io/serving=false``
+             (the front Service stops sending it requests; running ones go on)
+             and here its group object gets ``moeshard.io/draining-since``;
+          2. it stays (with its headless Service and PDB) for
+             ``spec.autoscaling.drainTimeout``, or less when no pod of it is
+             ready (nothing to drain);
+          3. it is deleted like any scaled-down group; the kubelet's SIGTERM
+             then makes the engine finish what is still queued.
+        A scale-out while a group drains takes it back (annotation removed,
+        serving again). Without the section groups go at once, as before.
+        """
         if d.spec.autoscaling is None:
             return set()
         timeout = parse_duration(d.spec.autoscaling.drain_timeout)
