@@ -388,6 +388,12 @@ class AutoscalingSpec(_Section):
         "5m", pattern=DURATION_PATTERN,
         description="Scale in only to the highest replica count recommended over this window (Go duration).",
     )
+    wake_query: str | None = Field(
+        None, min_length=1, max_length=2000,
+        description="engine keda: PromQL of demand that exists while no group runs (e.g. requests waiting in a "
+        "gateway in front of the deployment), in the target's unit; a second trigger that brings the deployment "
+        "back from zero groups when it is above 0 (the engines' own series vanish with their groups).",
+    )
     drain_timeout: str = Field(
         "2m", pattern=DURATION_PATTERN,
         description="How long a group removed by a scale-in keeps finishing its running requests, out of the "
@@ -401,6 +407,8 @@ class AutoscalingSpec(_Section):
             raise ValueError(f"minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})")
         if self.min_replicas == 0 and self.engine != "keda":
             raise ValueError("minReplicas (0) needs engine keda: an HPA cannot scale to zero")
+        if self.wake_query is not None and self.engine != "keda":
+            raise ValueError("wakeQuery (a KEDA trigger) needs engine keda")
         return self
 
     @field_validator("scale_down_stabilization")

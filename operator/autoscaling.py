@@ -17,7 +17,10 @@ does, through the MoEDeployment's ``/scale`` subresource:
   formula; a tolerance of 10 % keeps it still near the target).
 * ``engine: keda``: a KEDA ``ScaledObject`` with one ``prometheus`` trigger
   querying the same recorded series at ``spec.loadBalancing.prometheusURL``
-  (``metricType: Value``: the series already is a per-replica figure).
+  (``metricType: Value``: the series already is a per-replica figure), and a
+  second one on ``wakeQuery`` when set: at zero groups the engines' series are
+  gone, so only a demand signal from outside them (a gateway's queue) can wake
+  the deployment.
 
 Both scale in one group per minute at most, after the stabilisation window.
 The names are those the engine exports (a separate change adds them to the
@@ -160,17 +163,20 @@ def build_scaled_object(d: Deployment) -> dict[str, Any]:
             "minReplicaCount": spec.min_replicas,
             "maxReplicaCount": spec.max_replicas,
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(spec)}},
-            "triggers": [{
-                "type": "prometheus",
-                "metricType": "Value",
-                "metadata": {
-                    "serverAddress": d.spec.load_balancing.prometheus_url,
-                    "query": keda_query(d),
-                    "threshold": str(spec.target.value),
-                },
-            }],
+            "triggers": [_prometheus_trigger(d, keda_query(d), spec.target.value)] + (
+                [_prometheus_trigger(d, spec.wake_query, spec.target.value)] if spec.wake_query else []),
         },
     })
+
+
+def _prometheus_trigger(d: Deployment, query: str, threshold: float) -> dict[str, Any]:
+    """A KEDA prometheus trigger on ``query`` (a per-replica figure: metricType Value), active above 0."""
+    return {
+        "type": "prometheus",
+        "metricType": "Value",
+        "metadata": {"serverAddress": d.spec.load_balancing.prometheus_url, "query": query,
+                     "threshold": str(threshold), "activationThreshold": "0"},
+    }
 
 
 def build_autoscaler(d: Deployment) -> dict[str, Any] | None:

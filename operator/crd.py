@@ -147,6 +147,8 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
          "message": "minReplicas must not exceed maxReplicas", "fieldPath": ".minReplicas"},
         {"rule": "!has(self.minReplicas) || self.minReplicas > 0 || (has(self.engine) && self.engine == 'keda')",
          "message": "minReplicas 0 needs engine keda: an HPA cannot scale to zero", "fieldPath": ".minReplicas"},
+        {"rule": "!has(self.wakeQuery) || (has(self.engine) && self.engine == 'keda')",
+         "message": "wakeQuery (a KEDA trigger) needs engine keda", "fieldPath": ".wakeQuery"},
         {"rule": "!has(self.scaleDownStabilization) || duration(self.scaleDownStabilization) <= "
                  f"duration('{MAX_STABILIZATION_SECONDS}s')",
          "message": "scaleDownStabilization must not exceed 1h (the HPA's limit)",

@@ -131,6 +131,8 @@ def _schema_errors(crd: dict, spec: dict) -> list[str]:
     (AUTO | {"target": {"kvCacheUsage": 0.5, "timeToFirstTokenP90Seconds": 2}}, "spec.autoscaling.target", False),
     (AUTO | {"target": {"kvCacheUsage": 1.5}}, "spec.autoscaling.target.kvCacheUsage", False),
     (AUTO | {"engine": "vpa"}, "spec.autoscaling.engine", False),
+    (AUTO | {"engine": "keda", "wakeQuery": "sum(gateway_waiting)"}, None, True),
+    (AUTO | {"wakeQuery": "sum(gateway_waiting)"}, "spec.autoscaling.wakeQuery", False),
     ({"target": {"kvCacheUsage": 0.5}}, "spec.autoscaling.maxReplicas", False),
 ])
 def test_python_and_the_crd_agree_on_autoscaling(crd, auto, field, ok):
@@ -178,8 +180,20 @@ def test_scaled_object_matches_the_keda_fields_it_uses():
     trigger = so["spec"]["triggers"][0]
     assert trigger["metadata"]["query"] == 'moeshard_kv_cache_usage_per_replica{moeshard_namespace="test",moeshard_deployment="tiny"}'
     assert trigger["metadata"]["serverAddress"] == d.spec.load_balancing.prometheus_url
-    assert so["spec"]["minReplicaCount"] == 0 and build_autoscaler(d) == so
+    assert so["spec"]["minReplicaCount"] == 0 and build_autoscaler(d) == so and len(so["spec"]["triggers"]) == 1
+    woken = build_scaled_object(_deployment(AUTO | {"engine": "keda", "minReplicas": 0, "wakeQuery": "sum(gw)"}))
+    jsonschema.Draft202012Validator(KEDA_SCALED_OBJECT_SCHEMA).validate(woken)
+    assert [t["metadata"]["query"] for t in woken["spec"]["triggers"]][1] == "sum(gw)"
+    assert woken["spec"]["triggers"][1]["metadata"]["activationThreshold"] == "0"
     assert build_autoscaler(_deployment(AUTO | {"enabled": False})) is None
+
+
+def test_crd_scale_subresource_is_what_an_hpa_reads(crd):
+    scale = crd["spec"]["versions"][0]["subresources"]["scale"]
+    assert scale == {"specReplicasPath": ".spec.parallelism.replicas", "statusReplicasPath": ".status.replicas",
+                     "labelSelectorPath": ".status.selector"}
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert {"replicas", "readyReplicas", "selector", "drainingReplicas", "observedGeneration"} <= set(status)
 
 
 def test_quantities():
