@@ -64,22 +64,18 @@ class ServingSignal:
     target_field: str  # the spec.autoscaling.target field that selects it
     record: str
     expr: str
-    help: str
 
 
 _BY = f"{naming.SCOPE_NAMESPACE}, {naming.SCOPE_DEPLOYMENT}"
 SIGNALS: dict[str, ServingSignal] = {
     s.target_field: s for s in (
         ServingSignal("waitingRequestsPerReplica", "moeshard_requests_waiting_per_replica",
-                      f"avg by ({_BY}) ({METRIC_REQUESTS_WAITING})",
-                      "requests waiting in the queue, mean over the deployment's replica groups"),
+                      f"avg by ({_BY}) ({METRIC_REQUESTS_WAITING})"),
         ServingSignal("kvCacheUsage", "moeshard_kv_cache_usage_per_replica",
-                      f"avg by ({_BY}) ({METRIC_KV_CACHE_USAGE})",
-                      "fraction of KV cache in use, mean over the deployment's replica groups"),
+                      f"avg by ({_BY}) ({METRIC_KV_CACHE_USAGE})"),
         ServingSignal("timeToFirstTokenP90Seconds", "moeshard_time_to_first_token_p90_seconds",
                       f"histogram_quantile(0.9, sum by ({_BY}, le) "
-                      f"(rate({METRIC_TTFT}_bucket[{TTFT_RATE_WINDOW}])))",
-                      "90th percentile of time to first token over the deployment"),
+                      f"(rate({METRIC_TTFT}_bucket[{TTFT_RATE_WINDOW}])))"),
     )
 }
 

@@ -2,9 +2,10 @@
 
 The operator owns the conditions Planned, Available, Progressing and Degraded,
 the kstatus conditions Ready, Reconciling and Stalled (what Flux and other
-kstatus readers assess; see ``compute_kstatus_conditions``) and the fields below; the balancer owns Balanced, MetricsAvailable and the
-placement fields. ``merge_conditions`` replaces only the owned conditions and
-keeps ``lastTransitionTime`` when a condition's status did not change, so a
+kstatus readers assess; see ``compute_kstatus_conditions``) and the fields
+below; the balancer owns Balanced, MetricsAvailable and the placement fields.
+``merge_conditions`` replaces only the owned conditions and keeps
+``lastTransitionTime`` when a condition's status did not change, so a
 reconcile that changes nothing produces an identical status (and no write).
 
 Phase, first rule that matches:

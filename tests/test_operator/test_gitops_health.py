@@ -186,6 +186,16 @@ def test_unschedulable_past_the_deadline_is_stalled(kube, custom, emulator, exam
     assert kstatus_assess(body) == "Failed" and ArgoHealth(HEALTH_LUA.read_text())(body)[0] == "Degraded"
 
 
+def test_missing_leaderworkerset_crd_is_stalled(kube, custom, emulator, example, check_moed):
+    body = example("tiny-cpu", **{"spec.engine.groupKind": "LeaderWorkerSet"})
+    custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, check_moed(body))
+    reconcile(kube, _get(custom))
+    pending = _get(custom)
+    _check_kstatus_fields(pending)
+    assert pending["status"]["phase"] == "Pending" and kstatus_assess(pending) == "Failed"
+    assert ArgoHealth(HEALTH_LUA.read_text())(pending)[0] == "Degraded"
+
+
 def test_argo_health_edges_and_the_argocd_cm_snippet_carries_the_same_lua():
     script = HEALTH_LUA.read_text()
     snippet = yaml.safe_load(ARGOCD_CM.read_text())
