@@ -329,6 +329,96 @@ class EngineSpec(_Section):
     max_unavailable: int = Field(1, ge=1, description="Replica groups that may be rolled at once.")
 
 
+# --------------------------------------------------------------------------- autoscaling
+
+MAX_STABILIZATION_SECONDS = 3600  # autoscaling/v2 stabilizationWindowSeconds <= 3600
+AUTOSCALING_TARGETS = ("waitingRequestsPerReplica", "kvCacheUsage", "timeToFirstTokenP90Seconds")
+
+
+class AutoscalingTarget(_Section):
+    """The one serving signal the replica count follows. Set exactly one field."""
+
+    waiting_requests_per_replica: float | None = Field(
+        None, gt=0, le=100000,
+        description="Requests waiting in the engine queue per replica group (moeshard_requests_waiting, averaged "
+        "over groups) the autoscaler keeps replicas at.",
+    )
+    kv_cache_usage: float | None = Field(
+        None, gt=0, le=1, alias="kvCacheUsage",
+        description="Fraction of KV cache in use per replica group (moeshard_kv_cache_usage_ratio, 0..1, averaged "
+        "over groups) the autoscaler keeps replicas at.",
+    )
+    time_to_first_token_p90_seconds: float | None = Field(
+        None, gt=0, le=3600, alias="timeToFirstTokenP90Seconds",
+        description="90th percentile of time to first token over the deployment, seconds "
+        "(moeshard_time_to_first_token_seconds) the autoscaler keeps replicas at.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "AutoscalingTarget":
+        chosen = [name for name, value in self.model_dump(by_alias=True).items() if value is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"set exactly one of {', '.join(AUTOSCALING_TARGETS)} (got {len(chosen)})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The camelCase name of the field that is set."""
+        return next(name for name, value in self.model_dump(by_alias=True).items() if value is not None)
+
+    @property
+    def value(self) -> float:
+        return float(self.model_dump(by_alias=True)[self.kind])
+
+
+class AutoscalingSpec(_Section):
+    """Replica groups follow serving load: an HPA or a KEDA ScaledObject writes spec.parallelism.replicas
+    through the scale subresource; the operator builds that object, never the replica count."""
+
+    enabled: bool = Field(True, description="Build the autoscaler object; false removes it and leaves replicas as they are.")
+    engine: Literal["hpa", "keda"] = Field(
+        "hpa", description="hpa: an autoscaling/v2 HorizontalPodAutoscaler on an External metric (needs a metrics "
+        "adapter serving the recording rule); keda: a KEDA ScaledObject with a Prometheus trigger (needs KEDA; "
+        "allows minReplicas 0).",
+    )
+    min_replicas: int = Field(1, ge=0, le=1024, description="Fewest replica groups; 0 (scale to zero) needs engine keda.")
+    max_replicas: int = Field(ge=1, le=1024, description="Most replica groups.")
+    target: AutoscalingTarget = Field(description="The serving signal and its target value.")
+    scale_down_stabilization: str = Field(
+        "5m", pattern=DURATION_PATTERN,
+        description="Scale in only to the highest replica count recommended over this window (Go duration).",
+    )
+    wake_query: str | None = Field(
+        None, min_length=1, max_length=2000,
+        description="engine keda: PromQL of demand that exists while no group runs (e.g. requests waiting in a "
+        "gateway in front of the deployment), in the target's unit; a second trigger that brings the deployment "
+        "back from zero groups when it is above 0 (the engines' own series vanish with their groups).",
+    )
+    drain_timeout: str = Field(
+        "2m", pattern=DURATION_PATTERN,
+        description="How long a group removed by a scale-in keeps finishing its running requests, out of the "
+        "front Service, before it is deleted (Go duration).",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSpec":
+        # Mirrored by CEL rules in crd.py (SPEC_RULES["spec.autoscaling"]).
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})")
+        if self.min_replicas == 0 and self.engine != "keda":
+            raise ValueError("minReplicas (0) needs engine keda: an HPA cannot scale to zero")
+        if self.wake_query is not None and self.engine != "keda":
+            raise ValueError("wakeQuery (a KEDA trigger) needs engine keda")
+        return self
+
+    @field_validator("scale_down_stabilization")
+    @classmethod
+    def _within_hpa_limit(cls, value: str) -> str:
+        if parse_duration(value) > MAX_STABILIZATION_SECONDS:
+            raise ValueError("must not exceed 1h (the HPA's limit)")
+        return value
+
+
 # --------------------------------------------------------------------------- the resource
 
 
@@ -341,6 +431,8 @@ class MoEDeploymentSpec(_Section):
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec, description="Traffic the plan is sized for.")
     load_balancing: LoadBalancingSpec = Field(default_factory=LoadBalancingSpec, description="Hot-expert replication.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="Engine pods.")
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale replica groups on serving load (an HPA or KEDA object the operator owns).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "MoEDeploymentSpec":
@@ -372,7 +464,8 @@ class MoEDeploymentSpec(_Section):
 class Condition(_Section):
     """A status condition (metav1.Condition)."""
 
-    type: str = Field(description="Planned, Available, Progressing, Degraded, Balanced or MetricsAvailable.")
+    type: str = Field(description="Planned, Available, Progressing, Degraded, Ready, Reconciling, Stalled, Balanced "
+                                  "or MetricsAvailable.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason.")
     message: str = Field("", description="Human-readable detail; names the spec field for bad input.")
@@ -412,6 +505,9 @@ class MoEDeploymentStatus(_Section):
     replicas: int | None = Field(None, description="Replica groups desired (scale subresource status).")
     ready_replicas: int | None = Field(None, description="Replica groups with every pod ready.")
     selector: str | None = Field(None, description="Label selector of engine pods (scale subresource).")
+    draining_replicas: int | None = Field(
+        None, description="Replica groups above the desired count, out of the front Service, finishing their "
+        "running requests before deletion.")
     placement_version: int | None = Field(None, description="Version of the expert placement in the ConfigMap.")
     imbalance_before: float | None = Field(None, description="Max/mean GPU load under the previous placement.")
     imbalance_after: float | None = Field(None, description="Predicted max/mean GPU load under the current placement.")
@@ -428,7 +524,7 @@ class SpecError(UserError):
         self.message = message
 
 
-_FIELD_IN_MESSAGE = re.compile(r"^((?:parallelism|loadBalancing|model|hardware|workload|engine|metadata)\.[A-Za-z.]+)")
+_FIELD_IN_MESSAGE = re.compile(r"^((?:parallelism|loadBalancing|model|hardware|workload|engine|autoscaling|metadata)\.[A-Za-z.]+)")
 _LOCAL_FIELD_IN_MESSAGE = re.compile(r"^([a-z][A-Za-z0-9.]*) \(")
 
 
@@ -486,7 +582,7 @@ def parse_resource(body: Any) -> MoEDeploymentSpec:
 
 __all__ = [
     "API_VERSION", "ARCHITECTURES", "GROUP", "KIND", "PLURAL", "SHORT_NAMES", "SINGULAR", "VERSION",
-    "ArchitectureFields", "Condition", "CustomHardware", "EngineSpec", "HardwareSpec", "LoadBalancingSpec",
+    "ArchitectureFields", "AutoscalingSpec", "AutoscalingTarget", "Condition", "CustomHardware", "EngineSpec", "HardwareSpec", "LoadBalancingSpec",
     "MoEDeploymentSpec", "MoEDeploymentStatus", "ModelSpec", "ParallelismSpec", "PlanStatus", "SpecError",
     "WorkloadSpec", "parse_duration", "parse_resource", "parse_spec",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .api import (
-    ENGINE_ARCHITECTURES, GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
+    AUTOSCALING_TARGETS, ENGINE_ARCHITECTURES, MAX_STABILIZATION_SECONDS, GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
     MoEDeploymentSpec, MoEDeploymentStatus,
 )
 from moeshard.core.engine_env import RENDEZVOUS_PORT
@@ -140,6 +140,23 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
             "message": "attentionTP must divide expertEP",
             "fieldPath": ".attentionTP",
         },
+    ],
+    # Python twins: AutoscalingSpec._bounds and AutoscalingTarget._exactly_one in api.py.
+    "spec.autoscaling": [
+        {"rule": "(has(self.minReplicas) ? self.minReplicas : 1) <= self.maxReplicas",
+         "message": "minReplicas must not exceed maxReplicas", "fieldPath": ".minReplicas"},
+        {"rule": "!has(self.minReplicas) || self.minReplicas > 0 || (has(self.engine) && self.engine == 'keda')",
+         "message": "minReplicas 0 needs engine keda: an HPA cannot scale to zero", "fieldPath": ".minReplicas"},
+        {"rule": "!has(self.wakeQuery) || (has(self.engine) && self.engine == 'keda')",
+         "message": "wakeQuery (a KEDA trigger) needs engine keda", "fieldPath": ".wakeQuery"},
+        {"rule": "!has(self.scaleDownStabilization) || duration(self.scaleDownStabilization) <= "
+                 f"duration('{MAX_STABILIZATION_SECONDS}s')",
+         "message": "scaleDownStabilization must not exceed 1h (the HPA's limit)",
+         "fieldPath": ".scaleDownStabilization"},
+    ],
+    "spec.autoscaling.target": [
+        {"rule": " + ".join(f"(has(self.{t}) ? 1 : 0)" for t in AUTOSCALING_TARGETS) + " == 1",
+         "message": f"set exactly one of {', '.join(AUTOSCALING_TARGETS)}"},
     ],
 }
 

@@ -22,7 +22,9 @@ Reconcile steps:
      missing group; recreate a group whose pod failed after start (restart
      budget permitting); roll an outdated group (new EP/TP/image) only while
      the other ready groups keep capacity >= replicas - maxUnavailable;
-  5. delete everything of the groups at index >= replicas (scale down);
+  5. delete everything of the groups at index >= replicas (scale down); with
+     spec.autoscaling a group is drained first (see ``drain_groups``), and the
+     HPA / KEDA ScaledObject is applied (or deleted when the section goes);
   6. write status (only when it changed).
 """
 
@@ -49,6 +51,12 @@ from .manifests import (
 from moeshard.core.placement import PLACEMENT_KEY, PlacementError, parse_placement
 from .planner import plan_for_spec
 from .status import Observation, compute_status, status_changed
+from .autoscaling import KEDA_API_VERSION, build_autoscaler
+from .manifests import SERVING_LABEL, pod_index_label
+
+DRAINING_ANNOTATION = "moeshard.io/draining-since"  # on a group a scale-in drains: when the drain began
+UNSCHEDULABLE_DEADLINE_SECONDS = 600.0  # a pod unschedulable this long makes the deployment Stalled
+AUTOSCALER_KINDS = ("HorizontalPodAutoscaler", "ScaledObject")
 
 
 @dataclass(frozen=True)
@@ -243,7 +251,8 @@ class _Reconciler:
             pods=self.children("Pod"),
         )
 
-        # 3. config and front Service
+        # 3. config and front Service (rank-0 pods labelled for it first, with spec.autoscaling)
+        self.label_serving(d, live)
         self.config_map(d, live.config_maps.get(naming.config_map_name(self.name)))
         self.apply(build_service(d), live.services.get(naming.service_name(self.name)))
 
@@ -258,22 +267,131 @@ class _Reconciler:
             self.delete_group(group, live.pods, "spec.engine.groupKind changed")
         counts = self.groups(d, live)
 
-        # 5. scale down: everything of a group index >= replicas (and ComputeDomains no longer asked for)
+        # 5. scale down: everything of a group index >= replicas (and ComputeDomains no longer asked for),
+        #    once drained when spec.autoscaling asks for drains; then the autoscaler object
+        draining = self.drain_groups(d, live)
         for objs in (live.groups, live.services, live.pdbs, live.domains):
             for obj in objs.values():
                 r = _replica_of(obj)
                 stale_domain = obj["kind"] == "ComputeDomain" and not spec.engine.scheduling.compute_domain
+                if r in draining and not stale_domain:
+                    continue
                 if r is not None and (r >= d.replicas or stale_domain):
                     if objs is live.groups:
                         self.delete_group(obj, live.pods, "scaled down")
                     else:
                         self.delete(obj, "scaled down" if r >= d.replicas else "spec.engine.scheduling changed")
+        self.autoscaler(d)
 
         # 6. status
-        self.write_status(Observation(**obs, **counts))
+        unschedulable = self.unschedulable(live.pods)
+        self.write_status(Observation(**obs, **counts, draining=len(draining), unschedulable_message=unschedulable))
         self.outcome.settled = (counts["ready"] == d.replicas and not (
-            counts["missing"] or counts["outdated"] or counts["restarted"])) or bool(counts["failed_reason"])
+            counts["missing"] or counts["outdated"] or counts["restarted"] or draining)) or bool(
+            counts["failed_reason"])
         return self.outcome
+
+    # ------------------------------------------------------------ scale in, autoscaler, scheduling
+    def label_serving(self, d: Deployment, live: "_Children") -> None:
+        """Set ``moeshard.io/serving`` on rank 0 of every group: "true" below the desired count, else "false".
+
+        Only with ``spec.autoscaling`` (whose front Service also selects
+        ``moeshard.io/serving=true``), or while the live front Service still
+        selects that label (a merge patch cannot drop a selector key, so after
+        the section goes the labels keep it truthful). Runs before the front
+        Service is applied, so a Service that starts selecting the label never
+        finds no pod. Pods are labelled by the operator, not the pod template:
+        adding the section rolls no group.
+        """
+        front = live.services.get(naming.service_name(self.name)) or {}
+        if d.spec.autoscaling is None and SERVING_LABEL not in ((front.get("spec") or {}).get("selector") or {}):
+            return
+        rank0 = pod_index_label(d)
+        for pod in live.pods:
+            meta = pod.get("metadata") or {}
+            r = _replica_of(pod)
+            if r is None or meta.get("deletionTimestamp") or (meta.get("labels") or {}).get(rank0) != "0":
+                continue
+            want = "true" if r < d.replicas else "false"
+            if (meta.get("labels") or {}).get(SERVING_LABEL) != want:
+                self.kube.patch("v1", "pods", self.namespace, meta["name"], {"metadata": {"labels": {SERVING_LABEL: want}}})
+
+    def drain_groups(self, d: Deployment, live: "_Children") -> set[int]:
+        """With ``spec.autoscaling``, drain the groups a scale-in removes; returns the indices still draining.
+
+        A group at index >= replicas goes in three steps:
+          1. ``label_serving`` turned its rank-0 pod ``moeshard.io/serving=false``
+             (the front Service stops sending it requests; running ones go on)
+             and here its group object gets ``moeshard.io/draining-since``;
+          2. it stays (with its headless Service and PDB) for
+             ``spec.autoscaling.drainTimeout``, or less when no pod of it is
+             ready (nothing to drain);
+          3. it is deleted like any scaled-down group; the kubelet's SIGTERM
+             then makes the engine finish what is still queued.
+        A scale-out while a group drains takes it back (annotation removed,
+        serving again). Without the section groups go at once, as before.
+        """
+        if d.spec.autoscaling is None:
+            return set()
+        timeout = parse_duration(d.spec.autoscaling.drain_timeout)
+        draining: set[int] = set()
+        for name, group in live.groups.items():
+            r = _replica_of(group)
+            if r is None:
+                continue
+            since = _annotation(group, DRAINING_ANNOTATION)
+            route = KINDS[group["kind"]]
+            if r < d.replicas:
+                if since is not None:  # scaled out again while draining: it serves again
+                    self.kube.patch(*route, self.namespace, name, {"metadata": {"annotations": {DRAINING_ANNOTATION: None}}})
+                    self.event("DrainCancelled", f"replica group {r} serves again (scaled out while draining)")
+                continue
+            if since is None:
+                self.kube.patch(*route, self.namespace, name, {"metadata": {"annotations": {DRAINING_ANNOTATION: self.now}}})
+                self.event("DrainingGroup", f"replica group {r} out of the front Service; deleted after "
+                                            f"{d.spec.autoscaling.drain_timeout} at most")
+                draining.add(r)
+                continue
+            try:
+                elapsed = (_parse_time(self.now) - _parse_time(since)).total_seconds()
+            except ValueError:  # an annotation edited by hand: the drain ends now
+                elapsed = timeout
+            if elapsed < timeout and _group_ready(group, d.pods_per_replica):
+                draining.add(r)
+        return draining
+
+    def autoscaler(self, d: Deployment) -> None:
+        """Apply the HPA or ScaledObject that spec.autoscaling asks for; delete any other one we own."""
+        desired = build_autoscaler(d)
+        if desired is not None and desired["kind"] == "ScaledObject" and not self.kube.has_api(KEDA_API_VERSION, "scaledobjects"):
+            self.event("KEDAMissing", "spec.autoscaling.engine keda needs KEDA's ScaledObject CRD, which this "
+                                      "cluster does not serve; no autoscaler built", "Warning")
+            desired = None
+        for kind in AUTOSCALER_KINDS:
+            live = self.named(kind)
+            keep = desired["metadata"]["name"] if desired is not None and desired["kind"] == kind else None
+            for name, obj in live.items():
+                if name != keep:
+                    self.delete(obj, "spec.autoscaling changed")
+            if keep is not None:
+                self.apply(desired, live.get(keep))
+
+    def unschedulable(self, pods: list[dict[str, Any]]) -> str:
+        """A message naming a pod unschedulable for longer than the deadline, or ''."""
+        now = _parse_time(self.now)
+        for pod in pods:
+            for cond in (pod.get("status") or {}).get("conditions") or []:
+                if (cond.get("type"), cond.get("status"), cond.get("reason")) != ("PodScheduled", "False", "Unschedulable"):
+                    continue
+                try:
+                    since = _parse_time(cond.get("lastTransitionTime") or "")
+                except ValueError:
+                    continue
+                waited = (now - since).total_seconds()
+                if waited >= UNSCHEDULABLE_DEADLINE_SECONDS:
+                    return (f"pod {pod['metadata']['name']} unschedulable for {int(waited)} s: "
+                            f"{(cond.get('message') or '')[:300]}")
+        return ""
 
     def groups(self, d: Deployment, live: "_Children") -> dict[str, Any]:
         """Create missing groups, recreate failed ones, roll outdated ones; returns Observation counts.
@@ -353,8 +471,8 @@ def reconcile(kube: Kube, body: dict[str, Any], now: str | None = None) -> Outco
 def cleanup(kube: Kube, body: dict[str, Any]) -> Outcome:
     """Delete every child of a MoEDeployment (the finalizer's work; on a real cluster the GC would follow)."""
     rec = _Reconciler(kube, body, _now())
-    for kind in ("StatefulSet", "LeaderWorkerSet", "ComputeDomain", "PodDisruptionBudget", "Service",
-                 "ConfigMap", "Pod"):
+    for kind in (*AUTOSCALER_KINDS, "StatefulSet", "LeaderWorkerSet", "ComputeDomain", "PodDisruptionBudget",
+                 "Service", "ConfigMap", "Pod"):
         for obj in rec.children(kind):
             if kind == "Pod":
                 kube.delete("v1", "pods", rec.namespace, obj["metadata"]["name"])

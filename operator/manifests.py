@@ -42,6 +42,9 @@ from .deployment import Deployment, GroupRef
 CLIQUE_LABEL = "nvidia.com/gpu.clique"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 HASH_ANNOTATION = "moeshard.io/desired-hash"
+# With spec.autoscaling the front Service also selects this label, which the operator sets on rank 0 of
+# every desired group ("true") and turns "false" on a group it drains before a scale-in removes it.
+SERVING_LABEL = "moeshard.io/serving"
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 COMPUTE_DOMAIN_API_VERSION = "resource.nvidia.com/v1beta1"
@@ -60,10 +63,12 @@ KINDS: dict[str, tuple[str, str]] = {
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "LeaderWorkerSet": (LWS_API_VERSION, "leaderworkersets"),
     "ComputeDomain": (COMPUTE_DOMAIN_API_VERSION, "computedomains"),
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
     KIND: (API_VERSION, "moedeployments"),
 }
 # Kinds kubernetes-validate has no schema for (custom resources of other projects).
-CUSTOM_KINDS = frozenset({"LeaderWorkerSet", "ComputeDomain", KIND})
+CUSTOM_KINDS = frozenset({"LeaderWorkerSet", "ComputeDomain", "ScaledObject", KIND})
 
 
 # --------------------------------------------------------------------------- common metadata
@@ -162,13 +167,14 @@ def pod_index_label(d: Deployment) -> str:
 
 
 def build_service(d: Deployment) -> dict[str, Any]:
-    """ClusterIP Service in front of rank 0 of every replica group."""
+    """ClusterIP Service in front of rank 0 of every replica group (that is not draining, with autoscaling)."""
+    selector = rank0_selector(d) | ({SERVING_LABEL: "true"} if d.spec.autoscaling is not None else {})
     return with_hash({
         "apiVersion": "v1", "kind": "Service",
         "metadata": _metadata(d, naming.service_name(d.name), COMPONENT_SERVICE),
         "spec": {
             "type": "ClusterIP",
-            "selector": rank0_selector(d),
+            "selector": selector,
             "ports": [{"name": "http", "port": d.spec.engine.port, "targetPort": "http", "protocol": "TCP"}],
         },
     })

@@ -1,9 +1,11 @@
 """Status of a MoEDeployment: phase and conditions from what the reconcile observed. Pure.
 
-The operator owns the conditions Planned, Available, Progressing and Degraded
-and the fields below; the balancer owns Balanced, MetricsAvailable and the
-placement fields. ``merge_conditions`` replaces only the owned conditions and
-keeps ``lastTransitionTime`` when a condition's status did not change, so a
+The operator owns the conditions Planned, Available, Progressing and Degraded,
+the kstatus conditions Ready, Reconciling and Stalled (what Flux and other
+kstatus readers assess; see ``compute_kstatus_conditions``) and the fields
+below; the balancer owns Balanced, MetricsAvailable and the placement fields.
+``merge_conditions`` replaces only the owned conditions and keeps
+``lastTransitionTime`` when a condition's status did not change, so a
 reconcile that changes nothing produces an identical status (and no write).
 
 Phase, first rule that matches:
@@ -19,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-OWNED_CONDITIONS = ("Planned", "Available", "Progressing", "Degraded")
+OWNED_CONDITIONS = ("Planned", "Available", "Progressing", "Degraded", "Ready", "Reconciling", "Stalled")
 OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "plan", "replicas", "readyReplicas", "selector",
-                "groupRestarts")
+                "groupRestarts", "drainingReplicas")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class Observation:
     pending_reason: str | None = None  # e.g. LeaderWorkerSetMissing
     pending_message: str = ""
     group_restarts: list[dict[str, Any]] = field(default_factory=list)
+    draining: int = 0  # groups above the desired count, drained before deletion (scale in)
+    unschedulable_message: str = ""  # a pod unschedulable past the deadline: Stalled, not Failed
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
@@ -111,6 +115,53 @@ def compute_conditions(obs: Observation, phase: str) -> list[dict[str, Any]]:
     return [planned, available, progressing, degraded]
 
 
+def compute_kstatus_conditions(obs: Observation, phase: str) -> list[dict[str, Any]]:
+    """Ready, Reconciling and Stalled as kstatus (Flux's health assessment) reads them.
+
+    Stalled      True when the spec cannot make progress without a person: invalid
+                 spec, restart budget spent (phase Failed), a required CRD missing
+                 (Pending), a pod unschedulable past the deadline;
+    Reconciling  True while groups are created, rolled, recreated or drained (and
+                 not Stalled: kstatus reads Stalled first);
+    Ready        True only when every desired group is up to date and serving
+                 (phase Ready), for the generation in ``observedGeneration``.
+    """
+    gen = obs.generation
+    stalled_reason, stalled_message = None, ""
+    if obs.invalid_field is not None:
+        stalled_reason, stalled_message = "InvalidSpec", f"{obs.invalid_field}: {obs.invalid_message}"
+    elif obs.failed_reason is not None:
+        stalled_reason, stalled_message = obs.failed_reason, obs.failed_message
+    elif obs.pending_reason is not None:
+        stalled_reason, stalled_message = obs.pending_reason, obs.pending_message
+    elif obs.unschedulable_message:
+        stalled_reason, stalled_message = "Unschedulable", obs.unschedulable_message
+    if stalled_reason is not None:
+        return [
+            _condition("Ready", False, stalled_reason, stalled_message, gen),
+            _condition("Reconciling", False, stalled_reason, "stalled: " + stalled_message, gen),
+            _condition("Stalled", True, stalled_reason, stalled_message, gen),
+        ]
+    serving = f"{obs.ready}/{obs.replicas} replica groups ready"
+    stalled = _condition("Stalled", False, "AsExpected", "", gen)
+    if phase == "Ready":
+        ready = _condition("Ready", True, "AllGroupsReady", f"{serving}, every one up to date", gen)
+        if obs.draining:
+            return [ready, _condition("Reconciling", True, "DrainingGroups",
+                                      f"{obs.draining} replica group(s) draining before removal", gen), stalled]
+        return [ready, _condition("Reconciling", False, "ReconcileComplete", "", gen), stalled]
+    parts = [f"{n} {what}" for n, what in ((obs.missing, "to create"), (obs.outdated, "to roll"),
+                                           (obs.restarted, "recreated after a failure"),
+                                           (obs.draining, "draining")) if n]
+    reason = ("RollingGroups" if obs.outdated else "RestartingGroups" if obs.restarted or phase == "Degraded"
+              else "CreatingGroups")
+    return [
+        _condition("Ready", False, "GroupsNotReady", serving, gen),
+        _condition("Reconciling", True, reason, ", ".join(parts + [serving]), gen),
+        stalled,
+    ]
+
+
 def merge_conditions(previous: list[dict[str, Any]] | None, owned: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:
     """Owned conditions replaced, others (the balancer's) kept in place; transition times kept when unchanged."""
     previous = [c for c in (previous or []) if isinstance(c, dict)]
@@ -131,11 +182,13 @@ def compute_status(obs: Observation, previous: dict[str, Any] | None, now: str) 
     status: dict[str, Any] = {
         "observedGeneration": obs.generation,
         "phase": phase,
-        "conditions": merge_conditions(previous.get("conditions"), compute_conditions(obs, phase), now),
+        "conditions": merge_conditions(previous.get("conditions"), compute_conditions(obs, phase)
+                                       + compute_kstatus_conditions(obs, phase), now),
     }
     if obs.invalid_field is None:
         status |= {"plan": obs.plan, "replicas": obs.replicas, "readyReplicas": obs.ready,
-                   "selector": obs.selector, "groupRestarts": obs.group_restarts}
+                   "selector": obs.selector, "groupRestarts": obs.group_restarts,
+                   "drainingReplicas": obs.draining}
     return status
 
 

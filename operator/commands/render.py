@@ -38,6 +38,7 @@ def load_documents(path: str) -> list[Any]:
 def render_objects(body: dict[str, Any], namespace: str | None = None) -> list[dict[str, Any]]:
     """Every object for one MoEDeployment body; SpecError/PlanError name the bad field."""
     from ..api import parse_resource
+    from ..autoscaling import build_autoscaler
     from ..deployment import Deployment
     from ..manifests import build_all
     from ..planner import plan_for_spec
@@ -48,7 +49,8 @@ def render_objects(body: dict[str, Any], namespace: str | None = None) -> list[d
         name=meta["name"], namespace=meta.get("namespace") or namespace or "default",
         uid=meta.get("uid") or PLACEHOLDER_UID, spec=spec, plan=plan_for_spec(spec),
     )
-    return build_all(deployment)
+    autoscaler = build_autoscaler(deployment)
+    return build_all(deployment) + ([autoscaler] if autoscaler is not None else [])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -94,9 +94,11 @@ BUILTIN_RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/events": _resource_info("Event"),
     "apps/v1/statefulsets": _resource_info("StatefulSet", subresources=(STATUS, SCALE)),
     "policy/v1/poddisruptionbudgets": _resource_info("PodDisruptionBudget", subresources=(STATUS,)),
+    "autoscaling/v2/horizontalpodautoscalers": _resource_info("HorizontalPodAutoscaler", subresources=(STATUS,)),
 }
 LWS_RESOURCE = ("leaderworkerset.x-k8s.io/v1/leaderworkersets",
                 _resource_info("LeaderWorkerSet", subresources=(STATUS, SCALE)))
+KEDA_RESOURCE = ("keda.sh/v1alpha1/scaledobjects", _resource_info("ScaledObject", subresources=(STATUS,)))
 COMPUTE_DOMAIN_RESOURCE = ("resource.nvidia.com/v1beta1/computedomains",
                            _resource_info("ComputeDomain", subresources=(STATUS,)))
 

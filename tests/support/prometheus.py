@@ -14,6 +14,7 @@ scrapes inside the window, so the first non-empty answer comes after about
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -101,8 +102,9 @@ class ExpertCountsExporter:
 class PrometheusServer:
     """The real prometheus binary scraping ``targets`` every second."""
 
-    def __init__(self, binary: str, workdir: Path, targets: list[str]):
-        self.binary, self.workdir, self.targets = binary, workdir, targets
+    def __init__(self, binary: str, workdir: Path, targets: list[str], rules: dict[str, Any] | None = None):
+        """``rules``: a rule file's content (``{"groups": [...]}``), evaluated every second, or None."""
+        self.binary, self.workdir, self.targets, self.rules = binary, workdir, targets, rules
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.log_path = workdir / "prometheus.log"
@@ -114,8 +116,12 @@ class PrometheusServer:
     def start(self, ready_timeout_s: float = 20.0) -> "PrometheusServer":
         config = self.workdir / "prometheus.yml"
         targets = ", ".join(f"'{t}'" for t in self.targets)
+        rule_files = ""
+        if self.rules is not None:
+            (self.workdir / "rules.yml").write_text(json.dumps(self.rules))  # JSON is YAML
+            rule_files = f"rule_files: ['{self.workdir / 'rules.yml'}']\n"
         config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n" + rule_files +
             f"scrape_configs:\n  - job_name: engines\n    static_configs:\n      - targets: [{targets}]\n"
         )
         (self.workdir / "tsdb").mkdir(exist_ok=True)

@@ -57,7 +57,7 @@ def test_rbac_covers_every_kind_the_operator_writes():
         if kind == "MoEDeployment":
             assert _allowed(rules, api_version, "moedeployments/status", "patch")
             continue
-        verbs = ("create",) if kind == "Event" else ("list", "delete") if kind == "Pod" else ("list", "create", "patch", "delete")
+        verbs = ("create",) if kind == "Event" else ("list", "patch", "delete") if kind == "Pod" else ("list", "create", "patch", "delete")
         for verb in verbs:
             assert _allowed(rules, api_version, plural, verb), (kind, verb)
     assert _allowed(rules, "v1", "namespaces", "watch")  # kopf never starts without it
