@@ -32,7 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eplb_baseline import eplb_placement  # noqa: E402
 
-from moeshard.operator.balancer import BalancerOptions, max_mean, rebalance_placement  # noqa: E402
+from moeshard.operator.balancer import BalancerOptions, rebalance_placement  # noqa: E402
+from moeshard.operator.placement import layer_imbalance  # noqa: E402
 from moeshard.operator.placement import Placement  # noqa: E402
 
 GPUS_PER_DOMAIN = 8  # Hopper HGX node
@@ -159,8 +160,8 @@ def run_config(cfg: Config, layers: int, windows: int, tokens: int, seeds: list[
                     plan = eplb_placement(counts[t], g, s, num_groups=EPLB_GROUPS, num_nodes=nodes)
                 elapsed = time.perf_counter() - t0
                 if t > 0:  # window 0 has no live placement: every planner starts from scratch
-                    ratio[k].append(float(max_mean(plan, counts[t + 1]).mean()))
-                    in_sample[k].append(float(max_mean(plan, counts[t]).mean()))
+                    ratio[k].append(float(layer_imbalance(plan, counts[t + 1]).mean()))
+                    in_sample[k].append(float(layer_imbalance(plan, counts[t]).mean()))
                     moves[k].append(float(gpu_moves(live[k], plan).mean()))
                     seconds[k].append(elapsed)
                 live[k] = plan

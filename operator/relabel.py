@@ -1,0 +1,71 @@
+"""Minimum-move GPU relabelling: lay a from-scratch plan onto the live slots.
+
+A from-scratch plan says which experts go together on a GPU, not which
+physical GPU they land on: any permutation of its GPUs (and of the slots
+inside a GPU) balances the same. ``relabel_onto`` picks the permutation
+that needs the fewest expert weight copies from the live placement:
+
+1. cost[g, h] = replicas the new group h holds that live GPU g lacks (a
+   multiset difference over experts), for every (g, h) pair;
+2. a minimum-cost perfect matching of live GPUs to new groups (Hungarian
+   method, ``scipy.optimize.linear_sum_assignment``), one per layer;
+3. inside each GPU, an expert it keeps stays in its old slot; the new ones
+   fill the freed slots in order.
+
+Shape legend: L layers, E experts, G GPUs, S slots per GPU, N = G*S.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+
+def held(phy2log: np.ndarray, num_gpus: int, slots_per_gpu: int, num_experts: int) -> np.ndarray:
+    """[L, G, E] replicas of each expert on each GPU."""
+    num_layers = phy2log.shape[0]
+    out = np.zeros((num_layers, num_gpus, num_experts), dtype=np.int32)
+    rows = np.broadcast_to(np.arange(num_layers)[:, None], phy2log.shape)
+    gpu = np.broadcast_to(np.arange(phy2log.shape[1])[None, :] // slots_per_gpu, phy2log.shape)
+    np.add.at(out, (rows, gpu, phy2log), 1)
+    return out
+
+
+def relabel_onto(live: np.ndarray, plan: np.ndarray, num_gpus: int, slots_per_gpu: int,
+                 num_experts: int) -> np.ndarray:
+    """Slot permutation perm [L, N]: ``plan[l, perm[l]]`` needs the fewest copies from ``live`` [L, N].
+
+    The per-GPU expert multisets of ``plan`` are unchanged, so its balance is
+    too; only which physical GPU and slot holds them moves. Apply the same
+    permutation to the plan's shares.
+    """
+    live = np.asarray(live, dtype=np.int64)
+    plan = np.asarray(plan, dtype=np.int64)
+    if live.shape != plan.shape:
+        raise ValueError(f"plan: shape {plan.shape} differs from the live placement's {live.shape}")
+    g, s = num_gpus, slots_per_gpu
+    h_live = held(live, g, s, num_experts)
+    h_plan = held(plan, g, s, num_experts)
+    perm = np.empty(plan.shape, dtype=np.int64)
+    for layer in range(live.shape[0]):
+        # 1. cost[g, h] = sum_e max(plan_h[e] - live_g[e], 0).
+        cost = np.maximum(h_plan[layer][None, :, :] - h_live[layer][:, None, :], 0).sum(axis=2)
+        # 2. Live GPU g takes the plan's group assign[g].
+        _, assign = linear_sum_assignment(cost)
+        for gpu in range(g):
+            src = assign[gpu] * s + np.arange(s)
+            perm[layer, gpu * s:(gpu + 1) * s] = src[_keep_slots(live[layer, gpu * s:(gpu + 1) * s], plan[layer, src])]
+    return perm
+
+
+def _keep_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Order [S] of ``new``'s entries so that experts ``old`` [S] already holds stay in their slots."""
+    free = list(range(new.size))
+    order = np.full(old.size, -1, dtype=np.int64)
+    for slot, expert in enumerate(old.tolist()):
+        match = next((j for j in free if new[j] == expert), None)
+        if match is not None:
+            order[slot] = match
+            free.remove(match)
+    order[order < 0] = free
+    return order
