@@ -133,14 +133,24 @@ def _score(current: Placement, phy2log: np.ndarray, weights: np.ndarray, held_ou
 
 
 def choose_candidate(gain: dict[str, float], moves: dict[str, int], threshold: float,
-                     max_moves: int | None = None) -> str | None:
-    """The candidate a layer takes: among those whose gain reaches ``threshold`` (and copies fit
-    ``max_moves``), the best gain per copied expert (a copy-free gain counts as one copy; ties: fewer copies).
-    None when no candidate qualifies."""
+                     max_moves: int | None = None, marginal: float = 0.0) -> str | None:
+    """The candidate a layer takes, or None when none qualifies.
+
+    Qualify: gain >= ``threshold`` and copies within ``max_moves``. Among
+    those the best gain per copied expert wins (a copy-free gain counts as
+    one copy; ties: fewer copies); a dearer candidate replaces it when its
+    extra gain per extra copy reaches ``marginal`` (so a stuck cheap plan
+    does not hold a layer far from balance when a full fix is affordable).
+    """
     ok = [k for k in gain if gain[k] >= threshold and (max_moves is None or moves[k] <= max_moves)]
     if not ok:
         return None
-    return max(ok, key=lambda k: (gain[k] / max(moves[k], 1), -moves[k]))
+    best = max(ok, key=lambda k: (gain[k] / max(moves[k], 1), -moves[k]))
+    for k in sorted(ok, key=lambda k: moves[k]):
+        extra = moves[k] - moves[best]
+        if extra > 0 and gain[k] - gain[best] >= threshold and (gain[k] - gain[best]) / extra >= marginal:
+            best = k
+    return best
 
 
 def decide_placement(current: Placement, loads: object, gpus_per_domain: int | None = None,
@@ -188,7 +198,8 @@ def decide_placement(current: Placement, loads: object, gpus_per_domain: int | N
                                             float(before[layer]))
             continue
         pick = choose_candidate({k: float(gain[k][layer]) for k in kinds}, {k: int(moves[k][layer]) for k in kinds},
-                                float(threshold[layer]), opts.max_moves)
+                                float(threshold[layer]), opts.max_moves,
+                                float(threshold[layer]) / max(current.num_slots // 4, 1))
         if pick is None:
             best = max(kinds, key=lambda k: gain[k][layer])
             verdicts[layer] = LayerDecision(
