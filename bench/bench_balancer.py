@@ -34,8 +34,7 @@ from eplb_baseline import eplb_placement  # noqa: E402
 
 from moeshard.operator.acceptance import decide_placement  # noqa: E402
 from moeshard.operator.balancer import rebalance_placement  # noqa: E402
-from moeshard.operator.placement import layer_imbalance  # noqa: E402
-from moeshard.operator.placement import Placement  # noqa: E402
+from moeshard.core.placement import Placement, layer_imbalance  # noqa: E402
 
 GPUS_PER_DOMAIN = 8  # Hopper HGX node
 EPLB_GROUPS = 8  # expert groups for hierarchical EPLB (DeepSeek-V3 uses 8)
@@ -194,6 +193,8 @@ def run_scenario(sc: Scenario, windows: int, seed: int = 0) -> dict:
     """Plan from window t (what the balancer saw), score on the true window t+1; MoEShard's decision vs EPLB."""
     g, s = sc.num_gpus, sc.slots_per_gpu
     nodes = max(1, g // GPUS_PER_DOMAIN)
+    hier_ok = (sc.num_experts % EPLB_GROUPS == 0 and EPLB_GROUPS % nodes == 0 and g % nodes == 0
+               and (g * s) % g == 0)
     seen, true, coverage = scenario_counts(sc, windows, seed)
     planners = ["moeshard", "eplb_global", "eplb_hier"]
     stats = {k: {"mean": [], "worst": [], "copies": [], "ms": []} for k in planners}
@@ -207,8 +208,8 @@ def run_scenario(sc: Scenario, windows: int, seed: int = 0) -> dict:
                 else:
                     decision = decide_placement(live[k], seen[t], GPUS_PER_DOMAIN, coverage=float(coverage[t]))
                     plan = decision.placement or live[k]
-            elif k == "eplb_global":
-                plan = eplb_placement(seen[t], g, s)
+            elif k == "eplb_global" or not hier_ok:
+                plan = eplb_placement(seen[t], g, s)  # hierarchical needs groups and slots to divide over nodes
             else:
                 plan = eplb_placement(seen[t], g, s, num_groups=EPLB_GROUPS, num_nodes=nodes)
             elapsed = time.perf_counter() - t0

@@ -5,7 +5,7 @@ One object per concern, built once at start-up and passed down:
 * ``ModelConfig``: architecture figures read from a Hugging Face ``config.json``
   (Qwen3-MoE and Mixtral).
 * ``ParallelConfig``: where this rank sits in its expert-parallel group, built
-  from the engine environment contract (moeshard.operator.engine_env).
+  from the engine environment contract (moeshard.core.engine_env).
 
 Shape legend used across moeshard.engine: T tokens, E logical experts, K top-K,
 H hidden, I expert intermediate, S slots per rank, W world (= EP) size,
@@ -200,7 +200,7 @@ class ParallelConfig:
 
     @classmethod
     def from_env(cls, env: Any, local_rank: int = 0) -> "ParallelConfig":
-        """From a moeshard.operator.engine_env.EngineEnvironment."""
+        """From a moeshard.core.engine_env.EngineEnvironment."""
         if not 0 <= local_rank < env.gpus_per_pod:
             raise ValueError(f"local_rank {local_rank} must be in 0..{env.gpus_per_pod - 1} (MOESHARD_GPUS_PER_POD)")
         return cls(

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .balancer import BalancerOptions, check_loads, check_topology, rebalance_placement
-from .placement import Placement, layer_imbalance, placement_from_arrays
+from moeshard.core.placement import Placement, layer_imbalance, placement_from_arrays
 from .relabel import relabel_onto
 
 KEEP, MOVE, SKIP, DEFER = "keep", "move", "skip", "defer"

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .placement import Placement, PlacementError, placement_from_arrays, round_shares
+from moeshard.core.placement import Placement, PlacementError, placement_from_arrays, round_shares
 
 DOMAIN_PENALTY = 0.01  # of the mean GPU load: how much balance a domain-spread tie-break may cost
 

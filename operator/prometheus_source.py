@@ -19,17 +19,18 @@ Shape legend: L MoE layers, E logical experts per layer.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .api import parse_duration
-from .naming import (
+from moeshard.core.naming import (
     METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_REJECTED, METRIC_PLACEMENT_VERSION, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE,
     SCOPE_REPLICA,
 )
+
+from .api import parse_duration
+from .backends import DEFAULT_BACKEND, get_backend
 
 # Reasons of the MetricsAvailable condition when it is False.
 REASON_UNREACHABLE = "PrometheusUnreachable"
@@ -37,8 +38,6 @@ REASON_QUERY_FAILED = "QueryFailed"
 REASON_NO_DATA = "NoData"
 REASON_PARTIAL = "PartialData"
 REASON_BAD_DATA = "BadData"
-
-_LABEL_VALUE = re.compile(r'^[^"\\\n]*$')
 
 
 class MetricsUnavailable(Exception):
@@ -51,17 +50,16 @@ class MetricsUnavailable(Exception):
 
 
 def _selector(name: str, namespace: str) -> str:
+    """The scope selector of the engine's own series (placement version, rejections)."""
     for field, value in (("metadata.name", name), ("metadata.namespace", namespace)):
-        if not _LABEL_VALUE.match(value):
+        if set(value) & set('"\\\n'):
             raise ValueError(f"{field}: {value!r} cannot be used as a label value")
     return f'{SCOPE_DEPLOYMENT}="{name}",{SCOPE_NAMESPACE}="{namespace}"'
 
 
-def expert_load_query(name: str, namespace: str, window: str) -> str:
-    """The PromQL of one deployment's per-(layer, expert) token increase over ``window``."""
-    selector = _selector(name, namespace)
-    parse_duration(window)  # raises ValueError naming the bad duration
-    return f"sum by (layer, expert) (increase({METRIC_EXPERT_TOKENS}{{{selector}}}[{window}]))"
+def expert_load_query(name: str, namespace: str, window: str, backend: str = DEFAULT_BACKEND) -> str:
+    """The PromQL of one deployment's per-(layer, expert) token increase over ``window`` (the backend's)."""
+    return get_backend(backend).expert_load_query(name, namespace, window)
 
 
 def coverage_query(name: str, namespace: str, window: str) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .acceptance import MOVE, AcceptanceOptions, Decision, decide_placement
 from .api import LoadBalancingSpec
-from .placement import Placement, imbalance
+from moeshard.core.placement import Placement, imbalance
 from .prometheus_source import MetricsUnavailable
 
 CONDITION_BALANCED = "Balanced"

@@ -22,8 +22,8 @@ import sys
 
 from ..acceptance import AcceptanceOptions, decide_placement
 from ..balancer import check_loads, rebalance_placement
-from ..cli import CommandError
-from ..placement import PlacementError, layer_imbalance, parse_placement
+from moeshard.core.errors import CommandError
+from moeshard.core.placement import PlacementError, layer_imbalance, parse_placement
 
 HELP = "Compute a new expert placement (hot-expert replication) from per-expert loads."
 DEFAULTS = AcceptanceOptions()

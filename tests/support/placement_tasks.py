@@ -17,7 +17,7 @@ def _runtime(rank: int, world: int, model_dir: str, placement_json: str):
 
     from moeshard.engine.config import ParallelConfig
     from moeshard.engine.runtime import EngineRuntime
-    from moeshard.operator.placement import parse_placement
+    from moeshard.core.placement import parse_placement
 
     torch.set_num_threads(1)
     parallel = ParallelConfig(rank=rank, world_size=world)

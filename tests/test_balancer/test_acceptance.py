@@ -13,8 +13,8 @@ from moeshard.operator.acceptance import (
     DEFER, KEEP, MOVE, SKIP, AcceptanceOptions, choose_candidate, decide_placement,
 )
 from moeshard.operator.balancer import rebalance_placement
-from moeshard.operator.cli import main
-from moeshard.operator.placement import (
+from moeshard.cli.main import main
+from moeshard.core.placement import (
     CONFIG_MAP_LIMIT_BYTES, PlacementError, check_config_map_size, initial_placement, parse_placement,
     placement_from_arrays, round_shares,
 )

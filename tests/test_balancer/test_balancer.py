@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moeshard.operator.balancer import BalancerOptions, check_loads, rebalance_placement
-from moeshard.operator.placement import layer_imbalance
-from moeshard.operator.placement import (
+from moeshard.core.placement import layer_imbalance
+from moeshard.core.placement import (
     PlacementError, gpu_loads, imbalance, initial_placement, parse_placement, placement_from_arrays, replica_slot,
 )
 

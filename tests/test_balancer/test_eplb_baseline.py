@@ -10,7 +10,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from eplb_baseline import balanced_packing, eplb_placement, rebalance_hierarchical, replicate_experts  # noqa: E402
 
-from moeshard.operator.placement import imbalance  # noqa: E402
+from moeshard.core.placement import imbalance  # noqa: E402
 
 
 def test_balanced_packing_is_greedy_heaviest_first_with_equal_counts():
@@ -54,7 +54,7 @@ def test_moeshard_moves_a_third_of_eplb_at_eplb_balance():
     from bench_balancer import Workload, gpu_moves, window_counts
 
     from moeshard.operator.balancer import rebalance_placement
-    from moeshard.operator.placement import layer_imbalance
+    from moeshard.core.placement import layer_imbalance
 
     counts, _ = window_counts(Workload(num_layers=8, num_experts=64, top_k=8, windows=5, tokens_per_window=500_000), 7)
     ours = rebalance_placement(counts[0], 8, 9, 4).placement

@@ -12,7 +12,7 @@ import numpy as np
 from support.placement_tasks import aborted_move_task, converge_task
 
 from moeshard.engine.verify import reference_outputs, run_ranks
-from moeshard.operator.placement import initial_placement, placement_from_arrays
+from moeshard.core.placement import initial_placement, placement_from_arrays
 
 PROMPTS = [[3, 14, 15, 92, 65], [2, 71, 82], [9]]
 MAX_NEW = 6

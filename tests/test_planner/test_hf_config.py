@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from moeshard.operator.architectures import PRESETS, ConfigError, architecture_from_hf_config
+from moeshard.core.architectures import PRESETS, ConfigError, architecture_from_hf_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moeshard.core.errors import UserError
+
 ARCHITECTURES = ("qwen3_moe", "mixtral", "deepseek_v3")
 
 
@@ -132,7 +134,7 @@ PRESETS: dict[str, ModelArchitecture] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json that does not describe a supported MoE model; names the key."""
 
     def __init__(self, key: str, message: str):
