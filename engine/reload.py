@@ -6,19 +6,23 @@ kubelet swaps the mounted file atomically (``placement.json`` is a symlink to
 directory). So the watcher re-reads the file BY PATH on every poll (never
 keeps a handle, never trusts mtime alone) and compares a content hash.
 
-Adoption is collective, at a step boundary of the serving loop:
+Adoption is collective, at a step boundary of the serving loop, and lives in
+``PlacementSync`` (the step loop only calls ``agree_before_serving`` once and
+``at_step_boundary`` every step):
 
 1. Every rank polls its own copy of the file (``PlacementWatcher.poll``) and
    holds at most one candidate: what the file says now, when it is valid and
    newer than the placement in use.
 2. All ranks all-reduce MIN over ``agreement_vector`` = [v, -v, h, -h]
    (candidate version v, 63-bit content hash h; a rank without a candidate
-   puts the current version and hash 0).
+   puts the current version and hash 0), followed by the same four numbers
+   for the placement each rank SERVES: a mismatch there is repaired at once
+   (or the group fails loudly), never carried on silently.
 3. ``agreed_version`` reads the result: when min v == max v > current and
-   min h == max h, every rank holds the same parsed placement and calls
-   ``runtime.apply_placement`` with it at this same step boundary. Otherwise
-   nothing happens this step (a rank that has not seen the new file yet will
-   see it at a later poll; the others wait for it).
+   min h == max h, every rank holds the same parsed placement and a staged
+   move starts (``runtime.move_layers``, a few layers per step boundary,
+   abortable). Otherwise nothing happens this step (a rank that has not seen
+   the new file yet will see it at a later poll; the others wait for it).
 
 A file that does not parse, does not fit this group (numGpus, slotsPerGpu,
 numExperts, number of MoE layers) or is not newer than the current placement

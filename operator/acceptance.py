@@ -12,7 +12,8 @@ Per layer, out of sample:
    same traffic. Candidates are fitted on A and scored on B, so a plan that
    only fits A's noise shows no gain on B.
 2. Two candidates: incremental from the live placement (few copies, may be
-   stuck in a local optimum) and from scratch, relabelled onto the live
+   stuck in a local optimum) and, for the layers the incremental plan leaves
+   more than the threshold above max/mean 1, from scratch, relabelled onto the live
    slots with the fewest copies (relabel.py). The scratch plan is taken
    when its gain per copied expert beats the incremental plan's.
 3. A layer moves when its predicted gain on B, (before - after) / before of
@@ -22,7 +23,9 @@ Per layer, out of sample:
 4. A layer whose window holds fewer than ``min_tokens_per_gpu`` pairs per GPU
    is skipped (its max/mean is noise); a window with too little scrape
    coverage is skipped whole. Both say why.
-5. Weight copies are budgeted per cycle over all layers: accepted layers are
+5. The layers taken are planned again on the whole window (the same
+   candidate kind; twice the tokens, less noise in the shares and swaps).
+6. Weight copies are budgeted per cycle over all layers: accepted layers are
    taken largest token gain first until ``move_budget`` is spent; the rest
    are deferred to the next cycle.
 
@@ -55,16 +58,18 @@ class AcceptanceOptions:
     max_moves: most copies per layer (None: incremental N // 4, scratch unlimited).
     move_budget: most copies per cycle over all layers (None: unlimited).
     scratch: also consider the relabelled from-scratch plan.
+    refit: write the chosen plans refitted on the whole window (the decision is made on the split).
     seed: of the binomial split (deterministic decisions).
     """
 
     floor: float = 0.015
-    noise_k: float = 2.0
+    noise_k: float = 1.0
     min_tokens_per_gpu: float = 256.0
     min_coverage: float = 0.9
     max_moves: int | None = None
     move_budget: int | None = None
     scratch: bool = True
+    refit: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -114,16 +119,24 @@ def split_window(loads: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _candidate(current: Placement, loads: np.ndarray, gpus_per_domain: int | None, opts: AcceptanceOptions,
-               scratch: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(phy2log, weights) [L, N] of one candidate fitted on ``loads``; scratch plans relabelled onto the live slots."""
+               scratch: bool, layers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(phy2log, weights) [L, N] of one candidate fitted on ``loads``; scratch plans relabelled onto the live slots.
+
+    ``layers``: plan only these (scratch); the other rows stay the live ones.
+    """
     g, s = current.num_gpus, current.slots_per_gpu
     if not scratch:
         options = BalancerOptions(max_moves=opts.max_moves)
         plan = rebalance_placement(loads, g, s, gpus_per_domain, current, options).placement
         return plan.phy2log, plan.weights
-    plan = rebalance_placement(loads, g, s, gpus_per_domain).placement
-    perm = relabel_onto(current.phy2log, plan.phy2log, g, s, current.num_experts)
-    return np.take_along_axis(plan.phy2log, perm, 1), np.take_along_axis(plan.weights, perm, 1)
+    rows, shares = current.phy2log.copy(), current.weights.copy()
+    if layers is None or layers.size == 0:
+        return rows, shares
+    plan = rebalance_placement(loads[layers], g, s, gpus_per_domain).placement
+    perm = relabel_onto(current.phy2log[layers], plan.phy2log, g, s, current.num_experts)
+    rows[layers] = np.take_along_axis(plan.phy2log, perm, 1)
+    shares[layers] = np.take_along_axis(plan.weights, perm, 1)
+    return rows, shares
 
 
 def _score(current: Placement, phy2log: np.ndarray, weights: np.ndarray, held_out: np.ndarray) -> np.ndarray:
@@ -181,13 +194,18 @@ def decide_placement(current: Placement, loads: object, gpus_per_domain: int | N
     # 2. Candidates fitted on half A, scored on half B.
     fit, held_out = split_window(arr, opts.seed)
     before = layer_imbalance(current, held_out)
-    kinds = ["incremental"] + (["scratch"] if opts.scratch else [])
-    cands = {k: _candidate(current, fit, gpus_per_domain, opts, k == "scratch") for k in kinds}
-    after = {k: _score(current, *cands[k], held_out) for k in kinds}
-    moves = {k: (cands[k][0] != current.phy2log).sum(axis=1) for k in kinds}
-    gain = {k: (before - after[k]) / before for k in kinds}
     held_per_gpu = held_out.sum(axis=1) / current.num_gpus
     threshold = np.maximum(opts.floor, opts.noise_k / np.sqrt(np.maximum(held_per_gpu, 1.0)))
+    kinds = ["incremental"] + (["scratch"] if opts.scratch else [])
+    cands = {"incremental": _candidate(current, fit, gpus_per_domain, opts, False)}
+    after = {"incremental": _score(current, *cands["incremental"], held_out)}
+    if opts.scratch:
+        # The scratch plan only where the incremental one leaves the layer visibly off balance.
+        stuck = np.flatnonzero((after["incremental"] > 1.0 + threshold) & (per_gpu >= opts.min_tokens_per_gpu))
+        cands["scratch"] = _candidate(current, fit, gpus_per_domain, opts, True, stuck)
+        after["scratch"] = _score(current, *cands["scratch"], held_out)
+    moves = {k: (cands[k][0] != current.phy2log).sum(axis=1) for k in kinds}
+    gain = {k: (before - after[k]) / before for k in kinds}
     # 3. Per layer: the plan to take, if any.
     verdicts: list[LayerDecision | None] = [None] * num_layers
     chosen: dict[int, str] = {}
@@ -208,7 +226,14 @@ def decide_placement(current: Placement, loads: object, gpus_per_domain: int | N
                 int(moves[best][layer]), best)
             continue
         chosen[layer] = pick
-    # 4. The copy budget, largest token gain first.
+    # 4. The chosen candidates refitted on the whole window (twice the tokens of half A: less noise).
+    if opts.refit and chosen:
+        for k in set(chosen.values()):
+            picked = np.array(sorted(li for li, kk in chosen.items() if kk == k))
+            rows, shares = _candidate(current, arr, gpus_per_domain, opts, k == "scratch", picked)
+            cands[k][0][picked], cands[k][1][picked] = rows[picked], shares[picked]
+            moves[k][picked] = (rows[picked] != current.phy2log[picked]).sum(axis=1)
+    # 5. The copy budget, largest token gain first.
     left = np.inf if opts.move_budget is None else float(opts.move_budget)
     order = sorted(chosen, key=lambda li: -(gain[chosen[li]][li] * before[li] * per_gpu[li]))
     phy2log, weights = current.phy2log.copy(), current.weights.copy()

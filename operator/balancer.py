@@ -182,7 +182,9 @@ def _repair_duplicates(phy2log: np.ndarray, num_gpus: int, slots_per_gpu: int) -
     """
     out = phy2log.copy()
     grid = out.reshape(out.shape[0], num_gpus, slots_per_gpu)
-    for layer in range(out.shape[0]):
+    ordered = np.sort(grid, axis=2)
+    affected = np.flatnonzero((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=(1, 2)))
+    for layer in affected:
         for _ in range(out.shape[1]):
             g_rows = grid[layer]
             dup = next(((g, s) for g in range(num_gpus) for s in range(slots_per_gpu)

@@ -47,25 +47,38 @@ def relabel_onto(live: np.ndarray, plan: np.ndarray, num_gpus: int, slots_per_gp
     h_live = held(live, g, s, num_experts)
     h_plan = held(plan, g, s, num_experts)
     perm = np.empty(plan.shape, dtype=np.int64)
+    # 1. cost[l, g, h] = sum_e max(plan_h[e] - live_g[e], 0) = S - sum_e min(plan_h[e], live_g[e]).
+    cost = s - np.minimum(h_plan[:, None, :, :].astype(np.int16), h_live[:, :, None, :].astype(np.int16)).sum(axis=3)
     for layer in range(live.shape[0]):
-        # 1. cost[g, h] = sum_e max(plan_h[e] - live_g[e], 0).
-        cost = np.maximum(h_plan[layer][None, :, :] - h_live[layer][:, None, :], 0).sum(axis=2)
         # 2. Live GPU g takes the plan's group assign[g].
-        _, assign = linear_sum_assignment(cost)
-        for gpu in range(g):
-            src = assign[gpu] * s + np.arange(s)
-            perm[layer, gpu * s:(gpu + 1) * s] = src[_keep_slots(live[layer, gpu * s:(gpu + 1) * s], plan[layer, src])]
+        _, assign = linear_sum_assignment(cost[layer])
+        src = assign[:, None] * s + np.arange(s)[None, :]  # [G, S] plan slots per live GPU
+        perm[layer] = _keep_slots(live[layer].reshape(g, s), plan[layer][src], src).ravel()
     return perm
 
 
-def _keep_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """Order [S] of ``new``'s entries so that experts ``old`` [S] already holds stay in their slots."""
-    free = list(range(new.size))
-    order = np.full(old.size, -1, dtype=np.int64)
-    for slot, expert in enumerate(old.tolist()):
-        match = next((j for j in free if new[j] == expert), None)
-        if match is not None:
-            order[slot] = match
-            free.remove(match)
-    order[order < 0] = free
-    return order
+def _keep_slots(old: np.ndarray, new: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """[G, S] plan slots per live slot: entries of ``new`` [G, S] that ``old`` [G, S] holds stay in their slots.
+
+    ``src`` [G, S]: the plan slot of each entry of ``new``. Per GPU, an expert
+    present in both keeps the old slot (the k-th copy matches the k-th copy),
+    the rest fill the freed slots in order.
+    """
+    num_gpus, s = old.shape
+    out = np.empty_like(src)
+    for gpu in range(num_gpus):
+        o, n = old[gpu].tolist(), new[gpu].tolist()
+        if o == n:
+            out[gpu] = src[gpu]
+            continue
+        free = list(range(s))
+        order = [-1] * s
+        for slot, expert in enumerate(o):
+            for j in free:
+                if n[j] == expert:
+                    order[slot] = j
+                    free.remove(j)
+                    break
+        rest = iter(free)
+        out[gpu] = [src[gpu, j if j >= 0 else next(rest)] for j in order]
+    return out

@@ -58,7 +58,7 @@ def test_small_gain_keeps_the_placement():
     # With threshold 0 the Poisson noise of ~650 tokens per GPU in the held-out half still keeps it.
     noisy = plan_cycle(current, loads, LoadBalancingSpec(improvementThreshold=0.0), 2, NOW)
     assert noisy.placement is None
-    assert all(d.decision == "keep" and d.threshold > 0.05 for d in noisy.decision.layers)
+    assert all(d.decision == "keep" and d.threshold > 0.03 for d in noisy.decision.layers)
 
 
 @pytest.mark.parametrize("cap", [0, 1, 3])
