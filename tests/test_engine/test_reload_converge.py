@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import pytest
 from support.placement_tasks import aborted_move_task, converge_task
 
 from moeshard.engine.verify import reference_outputs, run_ranks
@@ -31,12 +32,13 @@ def _shifted(base, version: int, shift: int):
     return placement_from_arrays(version, base.num_gpus, base.slots_per_gpu, base.num_experts, row, w)
 
 
+@pytest.mark.slow
 def test_ranks_on_different_versions_converge_before_the_first_request(tiny_checkpoint):
     model_dir = str(tiny_checkpoint("qwen3_moe"))
-    base = initial_placement(LAYERS, EXPERTS, 3, 3)  # 9 slots: one replica
-    placements = [base.with_version(2), _shifted(base, 5, 3), _shifted(base, 4, 4)]
-    results = run_ranks(3, converge_task, model_dir, [p.to_json() for p in placements], PROMPTS, MAX_NEW)
-    assert [r["started"] for r in results] == [2, 5, 4]
+    base = initial_placement(LAYERS, EXPERTS, 2, 5)  # 10 slots: two replicas
+    placements = [base.with_version(2), _shifted(base, 5, 3)]
+    results = run_ranks(2, converge_task, model_dir, [p.to_json() for p in placements], PROMPTS, MAX_NEW)
+    assert [r["started"] for r in results] == [2, 5]
     # One placement everywhere: the highest version, its exact content, the right weights in every slot.
     assert {r["version"] for r in results} == {5}
     assert {r["digest"] for r in results} == {results[1]["digest"]}
@@ -47,6 +49,7 @@ def test_ranks_on_different_versions_converge_before_the_first_request(tiny_chec
         assert r["generated"] == _reference(model_dir)
 
 
+@pytest.mark.slow
 def test_a_transfer_killed_halfway_keeps_serving_the_old_slots(tiny_checkpoint, tmp_path):
     model_dir = str(tiny_checkpoint("qwen3_moe"))
     start = initial_placement(LAYERS, EXPERTS, 2, 4)
