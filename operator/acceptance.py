@@ -122,14 +122,19 @@ def _candidate(current: Placement, loads: np.ndarray, gpus_per_domain: int | Non
                scratch: bool, layers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(phy2log, weights) [L, N] of one candidate fitted on ``loads``; scratch plans relabelled onto the live slots.
 
-    ``layers``: plan only these (scratch); the other rows stay the live ones.
+    ``layers``: plan only these; the other rows stay the live ones (scratch: None plans none).
     """
     g, s = current.num_gpus, current.slots_per_gpu
+    rows, shares = current.phy2log.copy(), current.weights.copy()
     if not scratch:
         options = BalancerOptions(max_moves=opts.max_moves)
-        plan = rebalance_placement(loads, g, s, gpus_per_domain, current, options).placement
-        return plan.phy2log, plan.weights
-    rows, shares = current.phy2log.copy(), current.weights.copy()
+        if layers is None:
+            plan = rebalance_placement(loads, g, s, gpus_per_domain, current, options).placement
+            return plan.phy2log, plan.weights
+        live = Placement(current.version, g, s, current.num_experts, rows[layers], shares[layers])
+        plan = rebalance_placement(loads[layers], g, s, gpus_per_domain, live, options).placement
+        rows[layers], shares[layers] = plan.phy2log, plan.weights
+        return rows, shares
     if layers is None or layers.size == 0:
         return rows, shares
     plan = rebalance_placement(loads[layers], g, s, gpus_per_domain).placement
