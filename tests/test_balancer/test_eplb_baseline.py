@@ -68,3 +68,20 @@ def test_moeshard_moves_a_third_of_eplb_at_eplb_balance():
         assert layer_imbalance(new_ours, counts[t + 1]).mean() <= 1.01 * layer_imbalance(new_theirs, counts[t + 1]).mean()
         ours, theirs = new_ours, new_theirs
     assert our_moves <= their_moves / 3, (our_moves, their_moves)
+
+
+def test_bench_quick_runs_the_scenarios_against_eplb(tmp_path):
+    """``bench_balancer.py --quick``: the scenario table in JSON, MoEShard's decision beside EPLB, fewer copies."""
+    import json
+
+    from bench_balancer import main
+
+    out = tmp_path / "balancer.json"
+    assert main(["--quick", "--no-timing", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    names = [r["scenario"]["name"] for r in doc["results"]]
+    assert names == ["diurnal drift", "topic shift", "one hot layer"]
+    for r in doc["results"]:
+        assert set(r) >= {"moeshard", "eplb_global", "eplb_hier", "verdict"}
+        assert r["moeshard"]["copies_per_window"] < r["eplb_global"]["copies_per_window"]
+        assert 1.0 <= r["moeshard"]["next_window_max_mean"] <= r["moeshard"]["worst_layer_max_mean"]
