@@ -42,6 +42,7 @@ import numpy as np
 
 from .balancer import BalancerOptions, check_loads, check_topology, rebalance_placement
 from moeshard.core.placement import Placement, layer_imbalance, placement_from_arrays
+from .grouped import grouped_plan
 from .relabel import relabel_onto
 
 KEEP, MOVE, SKIP, DEFER = "keep", "move", "skip", "defer"
@@ -59,6 +60,8 @@ class AcceptanceOptions:
     move_budget: most copies per cycle over all layers (None: unlimited).
     scratch: also consider the relabelled from-scratch plan.
     refit: write the chosen plans refitted on the whole window (the decision is made on the split).
+    expert_groups: the router's expert groups (DeepSeek-V3: 8); every group's replicas then stay in one
+        NVLink domain (grouped.py), and only that from-scratch plan is considered.
     seed: of the binomial split (deterministic decisions).
     """
 
@@ -70,13 +73,14 @@ class AcceptanceOptions:
     move_budget: int | None = None
     scratch: bool = True
     refit: bool = True
+    expert_groups: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("floor", "noise_k", "min_tokens_per_gpu", "min_coverage"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("max_moves", "move_budget"):
+        for name in ("max_moves", "move_budget", "expert_groups"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}: must be >= 0, got {value}")
@@ -137,10 +141,16 @@ def _candidate(current: Placement, loads: np.ndarray, gpus_per_domain: int | Non
         return rows, shares
     if layers is None or layers.size == 0:
         return rows, shares
-    plan = rebalance_placement(loads[layers], g, s, gpus_per_domain).placement
-    perm = relabel_onto(current.phy2log[layers], plan.phy2log, g, s, current.num_experts)
-    rows[layers] = np.take_along_axis(plan.phy2log, perm, 1)
-    shares[layers] = np.take_along_axis(plan.weights, perm, 1)
+    if opts.expert_groups is not None:
+        domain = gpus_per_domain or g
+        plan_rows, plan_shares = grouped_plan(loads[layers], g, s, domain, opts.expert_groups)
+        perm = relabel_onto(current.phy2log[layers], plan_rows, g, s, current.num_experts, domain)
+    else:
+        plan = rebalance_placement(loads[layers], g, s, gpus_per_domain).placement
+        plan_rows, plan_shares = plan.phy2log, plan.weights
+        perm = relabel_onto(current.phy2log[layers], plan_rows, g, s, current.num_experts)
+    rows[layers] = np.take_along_axis(plan_rows, perm, 1)
+    shares[layers] = np.take_along_axis(plan_shares, perm, 1)
     return rows, shares
 
 
@@ -201,10 +211,17 @@ def decide_placement(current: Placement, loads: object, gpus_per_domain: int | N
     before = layer_imbalance(current, held_out)
     held_per_gpu = held_out.sum(axis=1) / current.num_gpus
     threshold = np.maximum(opts.floor, opts.noise_k / np.sqrt(np.maximum(held_per_gpu, 1.0)))
-    kinds = ["incremental"] + (["scratch"] if opts.scratch else [])
-    cands = {"incremental": _candidate(current, fit, gpus_per_domain, opts, False)}
-    after = {"incremental": _score(current, *cands["incremental"], held_out)}
-    if opts.scratch:
+    if opts.expert_groups is not None:
+        # Grouped routers: only the group-aware scratch plan keeps groups inside domains.
+        kinds = ["scratch"]
+        busy = np.flatnonzero(per_gpu >= opts.min_tokens_per_gpu)
+        cands = {"scratch": _candidate(current, fit, gpus_per_domain, opts, True, busy)}
+        after = {"scratch": _score(current, *cands["scratch"], held_out)}
+    else:
+        kinds = ["incremental"] + (["scratch"] if opts.scratch else [])
+        cands = {"incremental": _candidate(current, fit, gpus_per_domain, opts, False)}
+        after = {"incremental": _score(current, *cands["incremental"], held_out)}
+    if opts.scratch and opts.expert_groups is None:
         # The scratch plan only where the incremental one leaves the layer visibly off balance.
         stuck = np.flatnonzero((after["incremental"] > 1.0 + threshold) & (per_gpu >= opts.min_tokens_per_gpu))
         cands["scratch"] = _candidate(current, fit, gpus_per_domain, opts, True, stuck)

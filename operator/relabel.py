@@ -32,12 +32,15 @@ def held(phy2log: np.ndarray, num_gpus: int, slots_per_gpu: int, num_experts: in
 
 
 def relabel_onto(live: np.ndarray, plan: np.ndarray, num_gpus: int, slots_per_gpu: int,
-                 num_experts: int) -> np.ndarray:
+                 num_experts: int, gpus_per_domain: int | None = None) -> np.ndarray:
     """Slot permutation perm [L, N]: ``plan[l, perm[l]]`` needs the fewest copies from ``live`` [L, N].
 
     The per-GPU expert multisets of ``plan`` are unchanged, so its balance is
     too; only which physical GPU and slot holds them moves. Apply the same
-    permutation to the plan's shares.
+    permutation to the plan's shares. With ``gpus_per_domain`` whole domains
+    move together (a domain's GPUs stay one domain: group-aware plans keep
+    their groups inside one domain): domains are matched by the cost of
+    their best GPU matching, then GPUs inside each matched pair.
     """
     live = np.asarray(live, dtype=np.int64)
     plan = np.asarray(plan, dtype=np.int64)
@@ -50,11 +53,29 @@ def relabel_onto(live: np.ndarray, plan: np.ndarray, num_gpus: int, slots_per_gp
     # 1. cost[l, g, h] = sum_e max(plan_h[e] - live_g[e], 0) = S - sum_e min(plan_h[e], live_g[e]).
     cost = s - np.minimum(h_plan[:, None, :, :].astype(np.int16), h_live[:, :, None, :].astype(np.int16)).sum(axis=3)
     for layer in range(live.shape[0]):
-        # 2. Live GPU g takes the plan's group assign[g].
-        _, assign = linear_sum_assignment(cost[layer])
+        # 2. Live GPU g takes the plan's GPU assign[g].
+        if gpus_per_domain is None or gpus_per_domain >= g:
+            _, assign = linear_sum_assignment(cost[layer])
+        else:
+            assign = _domain_assignment(cost[layer], gpus_per_domain)
         src = assign[:, None] * s + np.arange(s)[None, :]  # [G, S] plan slots per live GPU
         perm[layer] = _keep_slots(live[layer].reshape(g, s), plan[layer][src], src).ravel()
     return perm
+
+
+def _domain_assignment(cost: np.ndarray, size: int) -> np.ndarray:
+    """[G] plan GPU for each live GPU, moving whole domains of ``size`` GPUs; cost [G, G]."""
+    domains = cost.shape[0] // size
+    inner = {}
+    block = np.empty((domains, domains))
+    for a in range(domains):
+        for b in range(domains):
+            sub = cost[a * size:(a + 1) * size, b * size:(b + 1) * size]
+            rows, cols = linear_sum_assignment(sub)
+            inner[a, b] = cols
+            block[a, b] = sub[rows, cols].sum()
+    _, match = linear_sum_assignment(block)
+    return np.concatenate([match[a] * size + inner[a, match[a]] for a in range(domains)])
 
 
 def _keep_slots(old: np.ndarray, new: np.ndarray, src: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 
     moeshard balance --loads LOADS.json --gpus 16 --slots-per-gpu 9 \\
         [--gpus-per-domain 8] [--previous placement.json] [--max-moves 16] \\
-        [--floor 0.015] [--noise-k 2] [--min-tokens-per-gpu 256] [--move-budget N] -o json|text
+        [--floor 0.015] [--noise-k 1] [--min-tokens-per-gpu 256] [--move-budget N] [--expert-groups Q] \\
+        -o json|text
 
 LOADS.json is ``{"loads": [[tokens per expert] per MoE layer]}``. With
 ``--previous`` the CLI makes exactly the operator's decision
@@ -20,10 +21,12 @@ import argparse
 import json
 import sys
 
+from moeshard.core.errors import CommandError
+from moeshard.core.placement import PlacementError, layer_imbalance, parse_placement, placement_from_arrays
+
 from ..acceptance import AcceptanceOptions, decide_placement
 from ..balancer import check_loads, rebalance_placement
-from moeshard.core.errors import CommandError
-from moeshard.core.placement import PlacementError, layer_imbalance, parse_placement
+from ..grouped import grouped_plan
 
 HELP = "Compute a new expert placement (hot-expert replication) from per-expert loads."
 DEFAULTS = AcceptanceOptions()
@@ -47,6 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"gain must beat K / sqrt(tokens per GPU) (default {DEFAULTS.noise_k})")
     parser.add_argument("--min-tokens-per-gpu", type=float, default=DEFAULTS.min_tokens_per_gpu, metavar="T",
                         help=f"skip layers with fewer tokens per GPU (default {DEFAULTS.min_tokens_per_gpu:g})")
+    parser.add_argument("--expert-groups", type=int, default=None, metavar="Q",
+                        help="router expert groups (DeepSeek-V3: 8): keep each group's replicas in one NVLink domain")
     parser.add_argument("-o", "--output", choices=("json", "text"), default="json", help="output format")
 
 
@@ -67,8 +72,10 @@ def _options(args: argparse.Namespace) -> AcceptanceOptions:
                         ("--min-tokens-per-gpu", args.min_tokens_per_gpu)):
         if not value >= 0:
             raise CommandError(f"{flag}: must be >= 0, got {value}")
+    if args.expert_groups is not None and args.expert_groups < 1:
+        raise CommandError(f"--expert-groups: must be >= 1, got {args.expert_groups}")
     return AcceptanceOptions(floor=args.floor, noise_k=args.noise_k, min_tokens_per_gpu=args.min_tokens_per_gpu,
-                             max_moves=args.max_moves, move_budget=args.move_budget)
+                             max_moves=args.max_moves, move_budget=args.move_budget, expert_groups=args.expert_groups)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +85,12 @@ def run(args: argparse.Namespace) -> int:
     loads = check_loads(doc["loads"])
     options = _options(args)
     if not args.previous:
-        placement = rebalance_placement(loads, args.gpus, args.slots_per_gpu, args.gpus_per_domain).placement
+        if options.expert_groups is not None:
+            rows, shares = grouped_plan(loads, args.gpus, args.slots_per_gpu, args.gpus_per_domain or args.gpus,
+                                        options.expert_groups)
+            placement = placement_from_arrays(1, args.gpus, args.slots_per_gpu, loads.shape[1], rows, shares)
+        else:
+            placement = rebalance_placement(loads, args.gpus, args.slots_per_gpu, args.gpus_per_domain).placement
         if args.output == "json":
             sys.stdout.write(placement.to_json() + "\n")
             return 0

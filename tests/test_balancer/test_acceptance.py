@@ -18,6 +18,7 @@ from moeshard.core.placement import (
     CONFIG_MAP_LIMIT_BYTES, PlacementError, check_config_map_size, initial_placement, parse_placement,
     placement_from_arrays, round_shares,
 )
+from moeshard.operator.grouped import domains_hold_whole_groups, grouped_plan
 from moeshard.operator.rebalance import adoption
 from moeshard.operator.relabel import relabel_onto
 
@@ -217,3 +218,24 @@ def test_adoption_conditions():
     _, cond = adoption(5, {"0": (5, False), "1": (5, False)})
     assert (cond["status"], cond["reason"]) == ("True", "AllGroupsAdopted")
     assert adoption(5, {})[1]["status"] == "Unknown"
+
+
+def test_grouped_routers_keep_every_group_inside_one_domain(capsys, tmp_path):
+    """DeepSeek-V3-style groups: the decision's plans (and the CLI's) hold each group's replicas in one domain."""
+    rng = np.random.default_rng(5)
+    loads = sample(rng.pareto(1.5, (4, 64)) + 0.2, 2_000_000, 13)
+    live = initial_placement(4, 64, 16, 5)
+    decision = decide_placement(live, loads, 8, AcceptanceOptions(expert_groups=8))
+    assert decision.moved_layers == [0, 1, 2, 3]
+    assert domains_hold_whole_groups(decision.placement.phy2log, 64, 8, 8 * 5)
+    assert not domains_hold_whole_groups(live.phy2log, 64, 8, 8 * 5)
+    # Relabelling moved whole domains: still grouped, fewer copies than the plan as built.
+    rows, _ = grouped_plan(loads, 16, 5, 8, 8)
+    assert (decision.placement.phy2log != live.phy2log).sum() <= (rows != live.phy2log).sum()
+    (tmp_path / "loads.json").write_text(json.dumps({"loads": loads.tolist()}))
+    assert main(["balance", "--loads", str(tmp_path / "loads.json"), "--gpus", "16", "--slots-per-gpu", "5",
+                 "--gpus-per-domain", "8", "--expert-groups", "8"]) == 0
+    printed = parse_placement(capsys.readouterr().out)
+    assert domains_hold_whole_groups(printed.phy2log, 64, 8, 40)
+    with pytest.raises(PlacementError, match="expertGroups"):
+        grouped_plan(loads, 16, 5, 8, 6)
