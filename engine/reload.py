@@ -266,22 +266,22 @@ class PlacementSync:
         self.on_adopted, self.clock = on_adopted, clock
         self.move: _Move | None = None
         self._retry_at: dict[tuple[int, int], float] = {}
-        self._digest_of: tuple[int, int] | None = None  # (id of the placement, its digest)
+        self._digest_of: tuple[Placement, int] | None = None  # (the placement served, its digest)
 
     # -- helpers -------------------------------------------------------------------
     def serving_digest(self) -> int:
         """Digest of what this rank serves now (cached per placement object: hashing is not free)."""
         placement = self.runtime.placement
-        if self._digest_of is None or self._digest_of[0] != id(placement):
-            self._digest_of = (id(placement), placement_digest(placement))
+        if self._digest_of is None or self._digest_of[0] is not placement:
+            self._digest_of = (placement, placement_digest(placement))
         return self._digest_of[1]
 
     def _candidate(self, force: bool = False) -> Placement | None:
         if self.watcher is None or self.move is not None:
             return None
         candidate = self.watcher.poll(force=force)
-        if candidate is None:
-            return None
+        if candidate is None or not self._retry_at:
+            return candidate
         retry = self._retry_at.get((candidate.version, placement_digest(candidate)))
         return None if retry is not None and self.clock() < retry else candidate
 
