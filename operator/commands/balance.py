@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(placement.to_json() + "\n")
         return 0
     moved = decision.moved_layers
-    print(f"placement v{placement.version} ({'unchanged' if decision.placement is None else f'{len(moved)} layers moved'}"
+    changed = f"{len(moved)} layer{'s' if len(moved) != 1 else ''} moved"
+    print(f"placement v{placement.version} ({'unchanged' if decision.placement is None else changed}"
           f", {int(decision.moves.sum())} expert copies): {args.gpus} GPUs x {args.slots_per_gpu} slots, "
           f"{placement.num_experts} experts, {placement.num_layers} layers")
     if decision.skipped:
