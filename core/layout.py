@@ -34,6 +34,11 @@ def slots_per_gpu(num_experts: int, redundant_slots: int, ep: int) -> int:
     return (num_experts + redundant_slots) // ep
 
 
+def fewest_redundant_slots(num_experts: int, ep: int) -> int:
+    """Smallest R with EP dividing E + R: what a group without a plan (local launch, verify) uses."""
+    return (-num_experts) % ep
+
+
 def attention_tp_problem(
     tp: int, ep: int, *, gpus_per_pod: int | None = None, num_heads: int | None = None,
     num_kv_heads: int | None = None,

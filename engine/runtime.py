@@ -19,7 +19,6 @@ A step (prefill or one decode token) runs like this on every rank:
 from __future__ import annotations
 
 import logging
-import math
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,27 +32,33 @@ from moeshard.engine.loading import CheckpointReader
 from moeshard.engine.model import MoEModel, StepBatch, build_model, load_local_experts
 from moeshard.engine.parallel import ProcessGroups, init_world
 from moeshard.engine.reload import PlacementMoveAborted, layer_transfers
-from moeshard.core.placement import Placement, PlacementError, initial_placement, parse_placement
+from moeshard.core.layout import fewest_redundant_slots, slots_per_gpu
+from moeshard.core.plan_file import PlanFile
+from moeshard.core.placement import (
+    Placement, PlacementError, PlacementShape, check_fits, initial_placement, parse_placement,
+)
 
 log = logging.getLogger("moeshard.engine.runtime")
 
 
 def default_slots_per_gpu(num_experts: int, world_size: int) -> int:
-    return math.ceil(num_experts / world_size)
+    """Slots per rank of a group without a plan: every expert once, the fewest extra slots as replicas."""
+    return slots_per_gpu(num_experts, fewest_redundant_slots(num_experts, world_size), world_size)
 
 
 def check_placement(placement: Placement, cfg: ModelConfig, world_size: int) -> None:
-    """Raise PlacementError unless the placement fits this model and group."""
-    if placement.num_gpus != world_size:
-        raise PlacementError(f"numGpus: placement has {placement.num_gpus}, the EP group has {world_size} ranks")
-    if placement.num_experts != cfg.num_experts:
-        raise PlacementError(f"numExperts: placement has {placement.num_experts}, the model has {cfg.num_experts}")
-    if placement.num_layers != cfg.num_moe_layers:
-        raise PlacementError(f"layers: placement has {placement.num_layers}, the model has {cfg.num_moe_layers} MoE layers")
+    """Raise PlacementError unless the placement fits this model and group (any slots per rank)."""
+    check_fits(placement, PlacementShape(num_gpus=world_size, slots_per_gpu=placement.slots_per_gpu,
+                                         num_experts=cfg.num_experts, num_layers=cfg.num_moe_layers))
 
 
-def load_initial_placement(path: str | Path | None, cfg: ModelConfig, world_size: int) -> Placement:
-    """The placement file when it exists and fits the model, else the version-0 layout (E/EP slots per rank)."""
+def load_initial_placement(path: str | Path | None, cfg: ModelConfig, world_size: int,
+                           plan_slots_per_gpu: int | None = None) -> Placement:
+    """The placement file when it exists and fits the model, else the version-0 layout.
+
+    ``plan_slots_per_gpu`` comes from plan.json when the operator wrote one; without a plan, every expert once
+    plus the fewest extra slots (default_slots_per_gpu).
+    """
     if path is not None and Path(path).is_file():
         try:
             placement = parse_placement(Path(path).read_text())
@@ -62,7 +67,7 @@ def load_initial_placement(path: str | Path | None, cfg: ModelConfig, world_size
         except PlacementError as exc:
             log.warning("placement file %s refused (%s); using the initial placement", path, exc)
     return initial_placement(cfg.num_moe_layers, cfg.num_experts, world_size,
-                             default_slots_per_gpu(cfg.num_experts, world_size))
+                             plan_slots_per_gpu or default_slots_per_gpu(cfg.num_experts, world_size))
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -134,12 +139,16 @@ class EngineRuntime:
                comm_mode: str = "auto") -> "EngineRuntime":
         """From a moeshard.core.engine_env.EngineEnvironment: join the group, read this rank's share."""
         parallel = ParallelConfig.from_env(env, local_rank)
+        cfg = ModelConfig.from_pretrained(env.model_path)
+        plan = PlanFile.read(env.plan_file)  # the operator's layout; absent for a local group
+        if plan is not None:
+            plan.check_environment(env)  # before joining the group: a bad pod fails alone, at once
         if parallel.device == "cuda":
             torch.cuda.set_device(local_rank)
         if init_process_group:
             init_world(parallel, env.rendezvous)
-        cfg = ModelConfig.from_pretrained(env.model_path)
-        placement = load_initial_placement(env.placement_file, cfg, parallel.world_size)
+        placement = load_initial_placement(env.placement_file, cfg, parallel.world_size,
+                                           plan.slots_per_gpu if plan is not None else None)
         return cls(model_dir=env.model_path, parallel=parallel, placement=placement, dtype=dtype, comm_mode=comm_mode)
 
     # -- stepping ---------------------------------------------------------------

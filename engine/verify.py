@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import math
 import queue
 import socket
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from moeshard.core.engine_env import EngineEnvironment
+from moeshard.core.layout import fewest_redundant_slots, slots_per_gpu
 from moeshard.core.placement import Placement, initial_placement, placement_from_arrays
 
 TINY_ARCHS = ("qwen3_moe", "mixtral")
@@ -123,7 +123,8 @@ def replicated_placement(num_layers: int, num_experts: int, world: int, redundan
     experts 0, 1, ...); when ``uneven``, a replicated expert's first replica
     gets 0.7 of its tokens and the rest share 0.3.
     """
-    base = initial_placement(num_layers, num_experts, world, math.ceil(num_experts / world) + redundant_slots)
+    fewest = slots_per_gpu(num_experts, fewest_redundant_slots(num_experts, world), world)
+    base = initial_placement(num_layers, num_experts, world, fewest + redundant_slots)
     weights = base.weights.copy()
     if uneven:
         for layer in range(base.num_layers):

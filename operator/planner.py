@@ -96,7 +96,7 @@ from typing import Any
 from moeshard.core.layout import attention_tp_problem, expert_ep_problem, ranks_per_domain
 from moeshard.core.layout import slots_per_gpu as layout_slots_per_gpu
 
-from .api import MoEDeploymentSpec, SpecError, WorkloadSpec
+from .api import MoEDeploymentSpec, PlanStatus, SpecError, WorkloadSpec
 from moeshard.core.architectures import ModelArchitecture
 from moeshard.core.hardware import HardwareProfile
 
@@ -192,23 +192,10 @@ class Plan:
         }
 
     def to_status(self) -> dict[str, Any]:
-        """``status.plan`` of a MoEDeployment (api.PlanStatus, camelCase)."""
-        c = self.chosen
-        return {
-            "attentionTP": c.attention_tp,
-            "expertEP": c.expert_ep,
-            "replicas": c.replicas,
-            "podsPerReplica": c.pods_per_replica,
-            "gpusPerPod": c.gpus_per_pod,
-            "slotsPerGpu": c.slots_per_gpu,
-            "crossesFabric": c.crosses_fabric,
-            "tokensPerExpert": round(c.tokens_per_expert, 3),
-            "dispatchMicros": round(c.dispatch_us, 3),
-            "gemmMicros": round(c.gemm_us, 3),
-            "combineMicros": round(c.combine_us, 3),
-            "stepMicros": round(c.step_us, 3),
-            "verdict": c.verdict,
-        }
+        """``status.plan`` of a MoEDeployment: the chosen candidate's report, shaped by api.PlanStatus."""
+        report = self.chosen.to_json()
+        keys = [info.alias or name for name, info in PlanStatus.model_fields.items()]
+        return PlanStatus.model_validate({key: report[key] for key in keys}).model_dump(by_alias=True)
 
 
 # --------------------------------------------------------------------------- formulas
