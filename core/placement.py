@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from moeshard.core.errors import UserError
+from moeshard.core.layout import max_over_mean
 
 SHARE_TOLERANCE = 1e-6
 PLACEMENT_KEY = "placement.json"  # ConfigMap key and mounted file name
@@ -316,9 +317,51 @@ def gpu_loads(placement: Placement, expert_loads: np.ndarray) -> np.ndarray:
     return slot_load.reshape(placement.num_layers, placement.num_gpus, placement.slots_per_gpu).sum(axis=2)
 
 
+def layer_imbalance(placement: Placement, expert_loads: np.ndarray) -> np.ndarray:
+    """[L] max/mean GPU load of each layer (1.0 for an idle layer): the one balance measure."""
+    return np.asarray(max_over_mean(gpu_loads(placement, expert_loads)))
+
+
 def imbalance(placement: Placement, expert_loads: np.ndarray) -> float:
     """Mean over layers of max/mean GPU load (1.0 = perfect balance)."""
-    per_gpu = gpu_loads(placement, expert_loads)
-    mean = per_gpu.mean(axis=1)
-    ratio = np.where(mean > 0, per_gpu.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
-    return float(ratio.mean())
+    return float(layer_imbalance(placement, expert_loads).mean())
+
+
+# --------------------------------------------------------------------------- size
+
+CONFIG_MAP_LIMIT_BYTES = 1024 * 1024  # Kubernetes: all data of one ConfigMap together
+SHARE_DECIMALS = 6  # shares are written with this many decimals (1e-6 of an expert's tokens is noise)
+
+
+def round_shares(phy2log: np.ndarray, weights: np.ndarray, decimals: int = SHARE_DECIMALS) -> np.ndarray:
+    """[L, N] shares rounded to ``decimals``, each expert's largest share absorbing the rounding residue.
+
+    Keeps the sum-to-one invariant exact to rounding, so the JSON stays
+    short (``0.123457`` instead of 17 digits) and still validates.
+    """
+    phy2log = np.asarray(phy2log, dtype=np.int64)
+    out = np.round(np.asarray(weights, dtype=np.float64), decimals)
+    num_layers, n = phy2log.shape
+    num_experts = int(phy2log.max(initial=0)) + 1
+    rows = np.broadcast_to(np.arange(num_layers)[:, None], phy2log.shape)
+    sums = np.zeros((num_layers, num_experts))
+    np.add.at(sums, (rows, phy2log), out)
+    # The largest share of each expert (first slot on ties) takes the residue.
+    key = out + np.arange(n)[None, :] * -1e-12
+    best = np.full((num_layers, num_experts), -np.inf)
+    np.maximum.at(best, (rows, phy2log), key)
+    is_best = key == np.take_along_axis(best, phy2log, axis=1)
+    residue = 1.0 - np.take_along_axis(sums, phy2log, axis=1)
+    return np.round(np.where(is_best, out + residue, out), decimals)
+
+
+def check_config_map_size(placement: Placement, other_bytes: int = 0,
+                          limit: int = CONFIG_MAP_LIMIT_BYTES) -> int:
+    """Bytes of the placement JSON; PlacementError when it and ``other_bytes`` exceed the ConfigMap limit."""
+    size = len(placement.to_json().encode())
+    if size + other_bytes > limit:
+        raise PlacementError(
+            f"placement.json: {size} bytes ({placement.num_layers} layers x {placement.num_slots} slots) plus "
+            f"{other_bytes} bytes of other ConfigMap data exceed the {limit}-byte ConfigMap limit"
+        )
+    return size

@@ -19,6 +19,7 @@ A step (prefill or one decode token) runs like this on every rank:
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,9 @@ import torch.distributed as dist
 from moeshard.engine.comm import LINK_CLASSES, make_all_to_all
 from moeshard.engine.config import ModelConfig, ParallelConfig
 from moeshard.engine.loading import CheckpointReader
-from moeshard.engine.model import MoEModel, StepBatch, build_model
-from moeshard.engine.moe import expert_transfers
+from moeshard.engine.model import MoEModel, StepBatch, build_model, load_local_experts
 from moeshard.engine.parallel import ProcessGroups, init_world
+from moeshard.engine.reload import PlacementMoveAborted, layer_transfers
 from moeshard.core.layout import fewest_redundant_slots, slots_per_gpu
 from moeshard.core.plan_file import PlanFile
 from moeshard.core.placement import (
@@ -93,6 +94,13 @@ def stop_sets(batch: int, eos_token_id: int | None, stop_token_ids: list[set[int
     return [frozenset(int(t) for t in s) | eos for s in stop_token_ids]
 
 
+DEFAULT_MOVE_TIMEOUT_S = 120.0  # one stage of a placement move; past it the move is aborted
+
+
+def _layer_span(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0]) if layers else "(none)"
+
+
 KEY_MODULUS = 2**31  # token keys stay below 2^31 so the 32-bit replica hash never sees an overflowing product
 
 
@@ -121,6 +129,8 @@ class EngineRuntime:
         # a key that restarted at 0 every step would send every single-token decode
         # step of an expert to the same replica and ignore the shares.
         self._tokens_seen = 0
+        # Test hook: called with the layers of a move after staging, before any transfer; raising aborts the move.
+        self.transfer_fault = None
         self.tokenizer_or_none = load_tokenizer(model_dir)
 
     # -- construction ---------------------------------------------------------
@@ -274,73 +284,146 @@ class EngineRuntime:
 
     # -- placement ----------------------------------------------------------------
     @torch.inference_mode()
-    def apply_placement(self, placement: Placement) -> None:
-        """COLLECTIVE. Adopt a new placement; expert weights move by point-to-point transfers.
+    def apply_placement(self, placement: Placement, *, old_rows: np.ndarray | None = None,
+                        timeout_s: float = DEFAULT_MOVE_TIMEOUT_S) -> None:
+        """COLLECTIVE. Adopt ``placement`` in every layer at once (one stage); PlacementMoveAborted on failure.
 
-        Every rank computes the same transfer list (moe.expert_transfers): a
-        slot whose logical expert is unchanged keeps its weights, a local copy
-        is used when this rank already holds the expert, else the weights come
-        from the holder with the lowest old slot. All sends and receives of all
-        layers go out as one ``batch_isend_irecv``.
-
-        Memory: with an unchanged slot count, slots are updated in place and
-        only slots that are both read (sent or copied) and overwritten on this
-        rank are first cloned; when the slot count changes, new slot tensors
-        are built beside the old ones (expert memory peaks at old + new).
+        ``old_rows`` [L, G*S_old]: what each rank's slots hold when ranks do not
+        share one placement (start-up convergence); -1 marks slots whose
+        weights are unknown (read from the checkpoint). See ``move_layers``.
         """
-        check_placement(placement, self.config, self.world_size)
+        if not self.move_layers(placement, range(placement.num_layers), old_rows=old_rows, timeout_s=timeout_s):
+            raise PlacementMoveAborted(f"placement version {placement.version}: the weight transfer was aborted; "
+                                       f"the old slots stay in use")
+
+    @torch.inference_mode()
+    def move_layers(self, target: Placement, layers, *, old_rows: np.ndarray | None = None,
+                    timeout_s: float = DEFAULT_MOVE_TIMEOUT_S) -> bool:
+        """COLLECTIVE. Switch ``layers`` to ``target``'s rows: stage, agree, commit. False: aborted, nothing changed.
+
+        1. Stage: every rank computes the same transfer list per layer
+           (reload.layer_transfers: unchanged slots keep their weights, a local
+           copy when this rank holds the expert, else a point-to-point copy
+           from the lowest old slot, else a checkpoint read). New weights go
+           into SPARE buffers, one per slot this rank receives; live slots
+           are only read. Memory bound: (slots this rank receives in
+           ``layers``) x one expert's gate_up + down, on top of the model.
+        2. Agree: all ranks all-reduce MIN an ok flag (a failed stage or the
+           ``transfer_fault`` test hook on any rank aborts everyone before
+           anything is sent), then post all sends/receives of the stage as
+           one ``batch_isend_irecv`` and wait at most ``timeout_s``; a second
+           ok flag aborts everyone when a transfer failed or timed out.
+        3. Commit (only when every rank is ok): the staged slots are copied
+           into the live tensors and the layers take ``target``'s tables.
+
+        On abort the live slots of ``layers`` are untouched. Layers not in
+        ``layers`` keep their rows: ``self.placement`` is then a mix (the old
+        version number, the target's rows in the moved layers) until every
+        layer holds the target, when it becomes ``target`` itself. A change
+        of slot count must move all layers in one call.
+        """
+        check_placement(target, self.config, self.world_size)
+        layers = [int(li) for li in layers]
         old, me = self.placement, self.rank
-        ops, finish = [], []
-        tag = 0
-        for li, moe in enumerate(self.model.moe_layers):
-            moves = expert_transfers(old, placement, li)
-            tag_base, tag = tag, tag + len(moves)
-            gu, dn, sources = self._placement_targets(moe, placement.slots_per_gpu, moves)
-            for n, (src_rank, src_slot, dst_rank, dst_slot) in enumerate(moves):
-                if dst_rank == me and src_rank == me:
-                    gu[dst_slot], dn[dst_slot] = sources(src_slot)
-                elif dst_rank == me:
-                    ops.append(dist.P2POp(dist.irecv, gu[dst_slot], src_rank, tag=2 * (tag_base + n)))
-                    ops.append(dist.P2POp(dist.irecv, dn[dst_slot], src_rank, tag=2 * (tag_base + n) + 1))
-                elif src_rank == me:
-                    send_gu, send_dn = sources(src_slot)
-                    ops.append(dist.P2POp(dist.isend, send_gu, dst_rank, tag=2 * (tag_base + n)))
-                    ops.append(dist.P2POp(dist.isend, send_dn, dst_rank, tag=2 * (tag_base + n) + 1))
-            finish.append((moe, gu, dn))
-        # One batch: NCCL groups the sends/receives (no ordering deadlock between pairs); gloo posts them all.
-        # The barrier first: NCCL needs its communicator up before a batch some ranks may not join.
-        dist.barrier()
-        for work in dist.batch_isend_irecv(ops) if ops else []:
-            work.wait()
-        for moe, gu, dn in finish:
-            moe.set_placement(placement, gu, dn)
-        dist.barrier()
-        self.placement = placement
-        self.placement_version = placement.version
-        received = sum(1 for op in ops if op.op is dist.irecv) // 2  # experts (gate_up + down each)
-        # The serving layer's tests read this line: keep its wording.
-        log.info("rank %d adopted placement version %d (%d weight transfers received)", me, placement.version, received)
+        so, sn = old.slots_per_gpu, target.slots_per_gpu
+        if old_rows is not None:
+            so = old_rows.shape[1] // self.world_size
+        rows = old.phy2log if old_rows is None else old_rows
+        if sn != old.slots_per_gpu and sorted(layers) != list(range(target.num_layers)):
+            raise ValueError(f"layers: a slot count change ({old.slots_per_gpu} -> {sn}) must move every layer at once")
+        fault: BaseException | None = None
+        staged: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        ops: list = []
+        received = 0
+        try:
+            tag = 0
+            for li in layers:
+                moe = self.model.moe_layers[li]
+                moves = layer_transfers(rows[li], target.phy2log[li], so, sn, self.world_size)
+                staged[li], layer_ops = self._stage_layer(li, moe, target, moves, tag)
+                ops += layer_ops
+                received += sum(1 for src, _, dst, _ in moves if dst == me and src not in (me, -1))
+                tag += len(moves)
+            if self.transfer_fault is not None:
+                self.transfer_fault(layers)
+        except Exception as exc:  # noqa: BLE001 - any staging failure aborts the whole group's move
+            fault = exc
+        if not self._all_ok(fault is None):
+            log.error("rank %d: placement version %d move of layers %s aborted before any transfer%s; old slots kept",
+                      me, target.version, _layer_span(layers), f" ({fault})" if fault else " (another rank failed)")
+            return False
+        try:
+            for work in dist.batch_isend_irecv(ops) if ops else []:
+                if work.wait(timeout=timedelta(seconds=timeout_s)) is False:
+                    raise TimeoutError(f"a weight transfer took longer than {timeout_s:g} s")
+        except Exception as exc:  # noqa: BLE001 - a failed or timed-out transfer aborts the move
+            fault = exc
+        if not self._all_ok(fault is None):
+            log.error("rank %d: placement version %d move of layers %s aborted during the transfer%s; old slots kept",
+                      me, target.version, _layer_span(layers), f" ({fault})" if fault else " (another rank failed)")
+            return False
+        self._commit(target, layers, staged)
+        if self.placement is target:
+            # The serving layer's tests read this line: keep its wording.
+            log.info("rank %d adopted placement version %d (%d weight transfers received)", me, target.version, received)
+        return True
 
-    def _placement_targets(self, moe, slots: int, moves: list[tuple[int, int, int, int]]):
-        """Slot tensors to write the new layout into, and a reader of the OLD weights of a local slot.
-
-        Same slot count: write in place; a slot that is read (source of a send or
-        local copy) and also overwritten here is cloned first. New slot count:
-        fresh tensors, unchanged slots copied over, old tensors read directly.
-        """
+    def _stage_layer(self, li: int, moe, target: Placement, moves, tag: int):
+        """Spare buffers for the slots this rank receives in layer ``li``, and the P2P ops of its transfers."""
         me = self.rank
-        old_gu, old_dn = moe.w_gate_up, moe.w_down
-        read = {src_slot for src_rank, src_slot, _, _ in moves if src_rank == me}
-        written = {dst_slot for _, _, dst_rank, dst_slot in moves if dst_rank == me}
-        if slots == old_gu.shape[0]:
-            stash = {s: (old_gu[s].clone(), old_dn[s].clone()) for s in read & written}
-            return old_gu, old_dn, lambda s: stash.get(s, (old_gu[s], old_dn[s]))
-        gu = old_gu.new_empty((slots, *old_gu.shape[1:]))
-        dn = old_dn.new_empty((slots, *old_dn.shape[1:]))
-        for s in range(min(slots, old_gu.shape[0])):
-            if s not in written:  # unchanged slot (same index, same expert)
-                gu[s], dn[s] = old_gu[s], old_dn[s]
-        return gu, dn, lambda s: (old_gu[s], old_dn[s])
+        buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        ops = []
+        from_checkpoint = None
+        for n, (src_rank, src_slot, dst_rank, dst_slot) in enumerate(moves):
+            t = 2 * (tag + n)
+            if dst_rank == me and src_rank == me:
+                buffers[dst_slot] = (moe.w_gate_up[src_slot].clone(), moe.w_down[src_slot].clone())
+            elif dst_rank == me and src_rank < 0:
+                if from_checkpoint is None:
+                    from_checkpoint = load_local_experts(self.reader, self.config, target, li, me,
+                                                         moe.w_gate_up.device, moe.w_gate_up.dtype)
+                buffers[dst_slot] = (from_checkpoint[0][dst_slot], from_checkpoint[1][dst_slot])
+            elif dst_rank == me:
+                gu, dn = torch.empty_like(moe.w_gate_up[0]), torch.empty_like(moe.w_down[0])
+                buffers[dst_slot] = (gu, dn)
+                ops.append(dist.P2POp(dist.irecv, gu, src_rank, tag=t))
+                ops.append(dist.P2POp(dist.irecv, dn, src_rank, tag=t + 1))
+            elif src_rank == me:
+                ops.append(dist.P2POp(dist.isend, moe.w_gate_up[src_slot], dst_rank, tag=t))
+                ops.append(dist.P2POp(dist.isend, moe.w_down[src_slot], dst_rank, tag=t + 1))
+        return buffers, ops
+
+    def _all_ok(self, ok: bool) -> bool:
+        """MIN all-reduce of this rank's ok flag over the group: True only when every rank is ok."""
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64,
+                            device=self.device if self.parallel.device == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _commit(self, target: Placement, layers: list[int], staged) -> None:
+        """Write the staged slots into the live tensors and switch the layers' tables (no communication)."""
+        sn = target.slots_per_gpu
+        for li in layers:
+            moe, buffers = self.model.moe_layers[li], staged[li]
+            gu, dn = moe.w_gate_up, moe.w_down
+            if sn != gu.shape[0]:
+                gu, dn = gu.new_empty((sn, *gu.shape[1:])), dn.new_empty((sn, *dn.shape[1:]))
+                for s in range(min(sn, moe.w_gate_up.shape[0])):
+                    if s not in buffers:  # unchanged slot (same index, same expert)
+                        gu[s], dn[s] = moe.w_gate_up[s], moe.w_down[s]
+            for s, (g, d) in buffers.items():
+                gu[s].copy_(g)
+                dn[s].copy_(d)
+            moe.set_placement(target, gu, dn)
+        old = self.placement
+        rows, shares = old.phy2log.copy(), old.weights.copy()
+        if rows.shape != target.phy2log.shape:
+            rows, shares = target.phy2log.copy(), target.weights.copy()
+        rows[layers], shares[layers] = target.phy2log[layers], target.weights[layers]
+        if np.array_equal(rows, target.phy2log) and np.array_equal(shares, target.weights):
+            self.placement, self.placement_version = target, target.version
+        else:
+            self.placement = Placement(old.version, target.num_gpus, sn, target.num_experts, rows, shares)
 
     def close(self) -> None:
         """Destroy this rank's process groups (the default one too)."""

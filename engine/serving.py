@@ -6,7 +6,7 @@ Picture of one group (W ranks, rank 0 leads)::
     POST /v1/completions                  rank 0: drain queue -> StepCommand
       validate -> RequestQueue  ------->  broadcast command to all ranks
       wait on a Future  <-------------+   all ranks: agree on placement (MIN all-reduce),
-                                      |              maybe runtime.apply_placement
+                                      |              reload.PlacementSync (staged moves)
     GET /healthz /readyz /metrics     |   all ranks: runtime.generate(same arguments)
         /v1/models /v1/placement      |   all ranks: SUM all-reduce of expert-count deltas
                                       +-- rank 0: complete the Futures, update metrics
@@ -45,7 +45,7 @@ import numpy as np
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import EngineMetrics
-from .reload import PlacementWatcher, agreed_version, agreement_vector
+from .reload import PlacementSync, PlacementWatcher
 
 log = logging.getLogger("moeshard.engine.serving")
 
@@ -460,7 +460,7 @@ class Runtime(Protocol):
 
     def rank_pair_counts(self) -> np.ndarray: ...
 
-    def apply_placement(self, placement: Any) -> None: ...
+    def move_layers(self, target: Any, layers: Any, *, old_rows: Any = None, timeout_s: float = ...) -> bool: ...
 
 
 class StepLoop:
@@ -487,6 +487,8 @@ class StepLoop:
         self.watcher, self.metrics, self.queue = watcher, metrics, queue
         self.idle_interval, self.batch_window = idle_interval, batch_window
         self.on_placement = on_placement  # called on the leader with the adopted placement
+        # Start-up agreement, adoption, staged moves and repair live in reload.PlacementSync.
+        self.sync = PlacementSync(runtime, channel, watcher)
         self.stop_event = threading.Event()
         self.boundary_at = time.monotonic()  # when the loop last stood between two steps
         self._working = False  # a taken batch is being broadcast or generated
@@ -563,24 +565,16 @@ class StepLoop:
             self._complete(batch, outputs)
 
     def _agree_on_placement(self) -> None:
-        current = self.runtime.placement_version
-        candidate = self.watcher.poll() if self.watcher is not None else None
-        if self.channel.world_size > 1 or candidate is not None:
-            version = agreed_version(self.channel.reduce_min(agreement_vector(candidate, current)), current)
-        else:
-            version = None
-        if version is None:
+        previous = self.runtime.placement_version
+        adopted = self.sync.at_step_boundary()
+        if adopted is None or not self.leader:
             return
-        assert candidate is not None  # every rank holds version > current, so this one does too
-        self.runtime.apply_placement(candidate)
-        if self.watcher is not None:
-            self.watcher.adopted(candidate)
-        if self.leader:
-            log.info("placement version %d adopted by all %d ranks (was %d)", version, self.channel.world_size, current)
-            if self.metrics is not None:
-                self.metrics.set_placement_version(version)
-            if self.on_placement is not None:
-                self.on_placement(self.runtime.placement)
+        log.info("placement version %d adopted by all %d ranks (was %d)", adopted.version, self.channel.world_size,
+                 previous)
+        if self.metrics is not None:
+            self.metrics.set_placement_version(adopted.version)
+        if self.on_placement is not None:
+            self.on_placement(adopted)
 
     def _publish_counts(self) -> None:
         experts = np.asarray(self.runtime.expert_token_counts(), dtype=np.int64)
@@ -865,6 +859,9 @@ def serve_rank(env: Any, local_rank: int, options: ServeOptions, *, stop_event: 
                         on_placement=state.set_placement)
         if stop_event is not None and rank == 0:
             loop.stop_event = stop_event
+        loop.sync.agree_before_serving()  # one placement on every rank before the first step
+        if metrics is not None:
+            metrics.set_placement_version(runtime.placement_version)
         if rank == 0:
             state.limits, state.queue, state.metrics = limits, queue_, metrics
             state.world_size = channel.world_size

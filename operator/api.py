@@ -237,11 +237,17 @@ class LoadBalancingSpec(_Section):
         description="Extra physical expert slots per MoE layer for replicas of hot experts, over the whole EP group.",
     )
     improvement_threshold: float = Field(
-        0.05, ge=0, le=1,
-        description="Apply a new placement only when it lowers predicted max/mean GPU load by at least this fraction.",
+        0.015, ge=0, le=1,
+        description="Per-layer floor: a layer's placement changes only when its predicted max/mean GPU load gain, "
+                    "scored on load it was not fitted to, reaches this fraction (and the window's Poisson noise).",
     )
     max_moves_per_cycle: int | None = Field(
         None, ge=0, description="Most expert weight copies moved in one rebalance (per layer); unset means no cap."
+    )
+    move_budget_per_cycle: int | None = Field(
+        None, ge=0,
+        description="Most expert weight copies moved in one rebalance over all layers, largest gains first; "
+                    "unset means no cap.",
     )
     prometheus_url: str = Field(
         "http://prometheus-operated.monitoring.svc:9090", alias="prometheusURL",
@@ -513,6 +519,9 @@ class MoEDeploymentStatus(_Section):
     imbalance_after: float | None = Field(None, description="Predicted max/mean GPU load under the current placement.")
     replicated_experts: int | None = Field(None, description="Logical experts with more than one replica (all layers).")
     last_rebalance_time: str | None = Field(None, description="When the placement last changed (RFC 3339).")
+    group_placement_versions: dict[str, int] | None = Field(
+        None, description="Placement version each replica group serves, by replica index (from its metrics)."
+    )
 
 
 class SpecError(UserError):

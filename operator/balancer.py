@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeshard.core.placement import Placement, PlacementError, gpu_loads, placement_from_arrays
+from moeshard.core.placement import Placement, PlacementError, placement_from_arrays, round_shares
 
 DOMAIN_PENALTY = 0.01  # of the mean GPU load: how much balance a domain-spread tie-break may cost
 
@@ -182,7 +182,9 @@ def _repair_duplicates(phy2log: np.ndarray, num_gpus: int, slots_per_gpu: int) -
     """
     out = phy2log.copy()
     grid = out.reshape(out.shape[0], num_gpus, slots_per_gpu)
-    for layer in range(out.shape[0]):
+    ordered = np.sort(grid, axis=2)
+    affected = np.flatnonzero((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=(1, 2)))
+    for layer in affected:
         for _ in range(out.shape[1]):
             g_rows = grid[layer]
             dup = next(((g, s) for g in range(num_gpus) for s in range(slots_per_gpu)
@@ -556,7 +558,7 @@ def rebalance_placement(
     # 4. Level the shares over the final slots; the shares as fractions of each expert's load.
     if opts.use_shares:
         _level_shares(state, _replica_table(state.phy2log, state.counts), opts.sweeps, opts.spread)
-    weights = _shares(state, arr)
+    weights = round_shares(state.phy2log, _shares(state, arr))
     if previous is not None:
         moves = (state.phy2log != previous.phy2log).sum(axis=1)
     else:
@@ -597,10 +599,3 @@ def _check_previous(previous: Placement, loads: np.ndarray, num_gpus: int, slots
         raise PlacementError(f"numGpus: {num_gpus}, the previous placement has {previous.num_gpus}")
     if previous.slots_per_gpu != slots_per_gpu:
         raise PlacementError(f"slotsPerGpu: {slots_per_gpu}, the previous placement has {previous.slots_per_gpu}")
-
-
-def max_mean(placement: Placement, loads: np.ndarray) -> np.ndarray:
-    """[L] max/mean GPU load of each layer under ``placement`` (1.0 for an idle layer)."""
-    per_gpu = gpu_loads(placement, loads)
-    mean = per_gpu.mean(axis=1)
-    return np.where(mean > 0, per_gpu.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)

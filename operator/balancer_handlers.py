@@ -7,8 +7,9 @@ synchronous) and posts its events. ``balance_once`` reads the live placement
 from the deployment's ConfigMap, runs the pure cycle of rebalance.py, writes
 the new placement (merge patch carrying the ConfigMap's resourceVersion:
 if the reconciler rewrote it meanwhile, this cycle's plan is dropped) and
-patches the balancer's status fields and conditions (Balanced,
-MetricsAvailable) with kube.patch_status, which retries on conflicts with
+refuses a placement that would not fit the ConfigMap's 1 MiB
+(Balanced=False, PlacementTooLarge) and patches the balancer's status fields
+and conditions (Balanced, MetricsAvailable, PlacementAdopted) with kube.patch_status, which retries on conflicts with
 the reconciler's own status writes.
 
 Never crashes the operator: Prometheus failures become MetricsAvailable=False
@@ -31,7 +32,7 @@ from moeshard.core import naming
 from .api import API_VERSION, GROUP, PLURAL, VERSION, SpecError, parse_duration, parse_spec
 from .kube import Kube, KubeError
 from .planner import plan_for_spec
-from moeshard.core.placement import PLACEMENT_KEY, PlacementError, parse_placement
+from moeshard.core.placement import PLACEMENT_KEY, PlacementError, check_config_map_size, parse_placement
 from .prometheus_source import PrometheusSource
 from .rebalance import CONDITION_BALANCED, CycleOutcome, LoadSource, merge_conditions, run_cycle
 
@@ -89,8 +90,19 @@ def balance_once(
     gpus_per_domain = plan_for_spec(spec).chosen.ranks_per_domain
     outcome = run_cycle(make_source(lb.prometheus_url), name, namespace, current, lb, gpus_per_domain, now)
     run = BalanceRun("kept", "", outcome, [outcome.event] if outcome.event else [])
-    # 4. The new placement, only over the ConfigMap we read.
+    # 4. The new placement, only when it fits the ConfigMap, only over the ConfigMap we read.
     if outcome.placement is not None:
+        other = sum(len(str(v).encode()) for k, v in ((config_map.get("data") or {}).items()) if k != PLACEMENT_KEY)
+        try:
+            check_config_map_size(outcome.placement, other)
+        except PlacementError as exc:
+            kept = {k: v for k, v in outcome.status.items() if k == "groupPlacementVersions"}
+            too_large = CycleOutcome(None, {"placementVersion": current.version, **kept}, [
+                *(c for c in outcome.conditions if c["type"] != CONDITION_BALANCED),
+                {"type": CONDITION_BALANCED, "status": "False", "reason": "PlacementTooLarge", "message": str(exc)}],
+                ("Warning", "PlacementTooLarge", f"placement v{current.version} kept: {exc}"))
+            run = BalanceRun("kept", str(exc), too_large, [too_large.event])
+            return _write_status(kube, body, run, now)
         patch = {"metadata": {"resourceVersion": config_map["metadata"].get("resourceVersion")},
                  "data": {PLACEMENT_KEY: outcome.placement.to_json()}}
         try:

@@ -24,8 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from moeshard.core.naming import METRIC_EXPERT_TOKENS
+from moeshard.core.naming import (
+    METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_REJECTED, METRIC_PLACEMENT_VERSION, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE,
+    SCOPE_REPLICA,
+)
 
+from .api import parse_duration
 from .backends import DEFAULT_BACKEND, get_backend
 
 # Reasons of the MetricsAvailable condition when it is False.
@@ -34,7 +38,6 @@ REASON_QUERY_FAILED = "QueryFailed"
 REASON_NO_DATA = "NoData"
 REASON_PARTIAL = "PartialData"
 REASON_BAD_DATA = "BadData"
-
 
 
 class MetricsUnavailable(Exception):
@@ -46,9 +49,65 @@ class MetricsUnavailable(Exception):
         self.message = message
 
 
+def _selector(name: str, namespace: str) -> str:
+    """The scope selector of the engine's own series (placement version, rejections)."""
+    for field, value in (("metadata.name", name), ("metadata.namespace", namespace)):
+        if set(value) & set('"\\\n'):
+            raise ValueError(f"{field}: {value!r} cannot be used as a label value")
+    return f'{SCOPE_DEPLOYMENT}="{name}",{SCOPE_NAMESPACE}="{namespace}"'
+
+
 def expert_load_query(name: str, namespace: str, window: str, backend: str = DEFAULT_BACKEND) -> str:
     """The PromQL of one deployment's per-(layer, expert) token increase over ``window`` (the backend's)."""
     return get_backend(backend).expert_load_query(name, namespace, window)
+
+
+def coverage_query(name: str, namespace: str, window: str) -> str:
+    """Samples scraped per replica group over ``window`` (its rank 0 exports the placement version gauge)."""
+    selector = _selector(name, namespace)
+    parse_duration(window)
+    return f"max by ({SCOPE_REPLICA}) (count_over_time({METRIC_PLACEMENT_VERSION}{{{selector}}}[{window}]))"
+
+
+def group_versions_query(name: str, namespace: str) -> str:
+    """The placement version each replica group serves now."""
+    return f"max by ({SCOPE_REPLICA}) ({METRIC_PLACEMENT_VERSION}{{{_selector(name, namespace)}}})"
+
+
+def group_rejections_query(name: str, namespace: str, window: str) -> str:
+    """Placement files each replica group refused over ``window``."""
+    selector = _selector(name, namespace)
+    parse_duration(window)
+    return f"max by ({SCOPE_REPLICA}) (increase({METRIC_PLACEMENT_REJECTED}{{{selector}}}[{window}]))"
+
+
+def parse_by_replica(result: Any) -> dict[str, float]:
+    """{replica label: value} from an instant vector grouped by replica; BadData when malformed."""
+    if not isinstance(result, list):
+        raise MetricsUnavailable(REASON_BAD_DATA, f"expected a vector result, got {type(result).__name__}")
+    out: dict[str, float] = {}
+    for item in result:
+        try:
+            replica = str(item["metric"].get(SCOPE_REPLICA, ""))
+            value = float(item["value"][1])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            raise MetricsUnavailable(REASON_BAD_DATA, f"malformed series {str(item)[:120]}") from None
+        if not math.isfinite(value):
+            raise MetricsUnavailable(REASON_BAD_DATA, f"replica {replica!r} has value {value}")
+        out[replica] = value
+    return out
+
+
+def coverage_fraction(samples: dict[str, float]) -> float | None:
+    """Worst replica's scraped samples over the best one's, in [0, 1]; None without data.
+
+    A replica whose scrapes failed for part of the window has fewer samples,
+    and its counts in the window are partly extrapolated or missing.
+    """
+    if not samples:
+        return None
+    best = max(samples.values())
+    return 0.0 if best <= 0 else min(samples.values()) / best
 
 
 def parse_expert_loads(result: Any, num_layers: int, num_experts: int) -> np.ndarray:
@@ -122,6 +181,16 @@ class PrometheusSource:
     def expert_loads(self, name: str, namespace: str, window: str, num_layers: int, num_experts: int) -> np.ndarray:
         """Tokens per (layer, logical expert) over ``window``, [L, E]."""
         return parse_expert_loads(self.query(expert_load_query(name, namespace, window)), num_layers, num_experts)
+
+    def coverage(self, name: str, namespace: str, window: str) -> float | None:
+        """Scrape coverage of the window (``coverage_fraction``); None when no replica exports yet."""
+        return coverage_fraction(parse_by_replica(self.query(coverage_query(name, namespace, window))))
+
+    def group_versions(self, name: str, namespace: str, window: str) -> dict[str, tuple[int, bool]]:
+        """{replica group: (placement version it serves, whether it refused a placement in the window)}."""
+        versions = parse_by_replica(self.query(group_versions_query(name, namespace)))
+        rejected = parse_by_replica(self.query(group_rejections_query(name, namespace, window)))
+        return {r: (int(v), rejected.get(r, 0.0) > 0) for r, v in sorted(versions.items())}
 
 
 def _first_line(exc: BaseException) -> str:

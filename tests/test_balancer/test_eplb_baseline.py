@@ -53,7 +53,8 @@ def test_moeshard_moves_a_third_of_eplb_at_eplb_balance():
     """The bench's claim on a small case: incremental MoEShard copies <= 1/3 of EPLB's, next-window balance within 1%."""
     from bench_balancer import Workload, gpu_moves, window_counts
 
-    from moeshard.operator.balancer import max_mean, rebalance_placement
+    from moeshard.operator.balancer import rebalance_placement
+    from moeshard.core.placement import layer_imbalance
 
     counts, _ = window_counts(Workload(num_layers=8, num_experts=64, top_k=8, windows=5, tokens_per_window=500_000), 7)
     ours = rebalance_placement(counts[0], 8, 9, 4).placement
@@ -64,6 +65,23 @@ def test_moeshard_moves_a_third_of_eplb_at_eplb_balance():
         new_theirs = eplb_placement(counts[t], 8, 9)
         our_moves += gpu_moves(ours, new_ours).sum()
         their_moves += gpu_moves(theirs, new_theirs).sum()
-        assert max_mean(new_ours, counts[t + 1]).mean() <= 1.01 * max_mean(new_theirs, counts[t + 1]).mean()
+        assert layer_imbalance(new_ours, counts[t + 1]).mean() <= 1.01 * layer_imbalance(new_theirs, counts[t + 1]).mean()
         ours, theirs = new_ours, new_theirs
     assert our_moves <= their_moves / 3, (our_moves, their_moves)
+
+
+def test_bench_quick_runs_the_scenarios_against_eplb(tmp_path):
+    """``bench_balancer.py --quick``: the scenario table in JSON, MoEShard's decision beside EPLB, fewer copies."""
+    import json
+
+    from bench_balancer import main
+
+    out = tmp_path / "balancer.json"
+    assert main(["--quick", "--no-timing", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    names = [r["scenario"]["name"] for r in doc["results"]]
+    assert names == ["diurnal drift", "topic shift", "one hot layer"]
+    for r in doc["results"]:
+        assert set(r) >= {"moeshard", "eplb_global", "eplb_hier", "verdict"}
+        assert r["moeshard"]["copies_per_window"] < r["eplb_global"]["copies_per_window"]
+        assert 1.0 <= r["moeshard"]["next_window_max_mean"] <= r["moeshard"]["worst_layer_max_mean"]

@@ -121,9 +121,16 @@ def test_skew_query_rebalance_reload_drops_imbalance(prometheus, tmp_path):
     assert old > 1.25, old  # hot experts mostly on GPU 0
     print(f"routed max/mean old {old:.3f} new {new:.3f}")
     assert new < 1.1 and new < old - 0.15, (old, new)
-    # Hysteresis: the next cycle on the same traffic keeps the new placement.
-    again = run_cycle(source, "skewed", NAMESPACE, reloaded, spec, 2)
-    assert again.placement is None
+    # Hysteresis: on the same traffic the placement settles (a second cycle may still take a layer's
+    # from-scratch plan when it beats the first plan out of sample) and then stays.
+    live, cycles = reloaded, []
+    for _ in range(3):
+        again = run_cycle(source, "skewed", NAMESPACE, live, spec, 2)
+        cycles.append(again.placement is not None)
+        if again.placement is None:
+            break
+        live = again.placement
+    assert cycles[-1] is False and len(cycles) <= 2, cycles
     assert again.conditions[1]["reason"] == "WithinThreshold"
 
 

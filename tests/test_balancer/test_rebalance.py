@@ -55,14 +55,17 @@ def test_small_gain_keeps_the_placement():
     assert outcome.status["placementVersion"] == 0 and "lastRebalanceTime" not in outcome.status
     balanced = next(c for c in outcome.conditions if c["type"] == CONDITION_BALANCED)
     assert balanced["reason"] == "WithinThreshold"
-    # With threshold 0 the same candidate is applied.
-    assert plan_cycle(current, loads, LoadBalancingSpec(improvementThreshold=0.0), 2, NOW).placement is not None
+    # With threshold 0 the Poisson noise of ~650 tokens per GPU in the held-out half still keeps it.
+    noisy = plan_cycle(current, loads, LoadBalancingSpec(improvementThreshold=0.0), 2, NOW)
+    assert noisy.placement is None
+    assert all(d.decision == "keep" and d.threshold > 0.03 for d in noisy.decision.layers)
 
 
 @pytest.mark.parametrize("cap", [0, 1, 3])
 def test_move_cap_per_layer(cap):
     current = initial_placement(2, 16, 4, 5)
-    outcome = plan_cycle(current, hot_loads(), LoadBalancingSpec(maxMovesPerCycle=cap, improvementThreshold=0.0), 2, NOW)
+    outcome = plan_cycle(current, 100 * hot_loads(), LoadBalancingSpec(maxMovesPerCycle=cap, improvementThreshold=0.0),
+                         2, NOW)
     assert outcome.placement is not None
     moves = (outcome.placement.phy2log != current.phy2log).sum(axis=1)
     assert (moves <= cap).all()
@@ -85,13 +88,19 @@ class FailingSource:
 
 
 class FixedSource:
-    def __init__(self, loads):
-        self.loads = loads
+    def __init__(self, loads, coverage=1.0, groups=None):
+        self.loads, self._coverage, self.groups = loads, coverage, groups or {}
         self.calls = []
 
     def expert_loads(self, name, namespace, window, layers, experts):
         self.calls.append((name, namespace, window, layers, experts))
         return self.loads
+
+    def coverage(self, name, namespace, window):
+        return self._coverage
+
+    def group_versions(self, name, namespace, window):
+        return self.groups
 
 
 def test_run_cycle_passes_the_window_and_shape():

@@ -37,9 +37,10 @@ WORKER = textwrap.dedent(
         def __init__(self):
             self.placement, self.placement_version, self.applied = version(0, 0), 0, []
             self.step = 0
-        def apply_placement(self, p):
+        def move_layers(self, p, layers, old_rows=None, timeout_s=None):
             self.applied.append([self.step, p.version])
             self.placement, self.placement_version = p, p.version
+            return True
         def generate(self, prompts, max_new_tokens, eos_token_id=None, stop_token_ids=None):
             return [[] for _ in prompts]
         def expert_token_counts(self):

@@ -91,9 +91,10 @@ class FakeRuntime:
     def rank_pair_counts(self):
         return np.array([self.counts[0].sum()])
 
-    def apply_placement(self, placement):
+    def move_layers(self, placement, layers, old_rows=None, timeout_s=None):
         self.applied.append(placement.version)
         self.placement = placement
+        return True
 
     def close(self):
         pass
