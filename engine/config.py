@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "mixtral")
+# config.json keys that announce quantized weights (FP8 block scales, GPTQ, AWQ, compressed-tensors...).
+# The engine would read them as plain floats and return wrong logits, so they are refused.
+QUANTIZATION_KEYS = ("quantization_config", "compression_config")
 
 
 class ModelConfigError(ValueError):
@@ -71,6 +74,14 @@ class ModelConfig:
             raise ModelConfigError(f"config.json: {names[0]} is missing")
 
         model_type = raw.get("model_type")
+        for key in QUANTIZATION_KEYS:
+            if raw.get(key):
+                quant = raw[key]
+                method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+                raise ModelConfigError(
+                    f"config.json: {key} (quant_method {method!r}) is not supported: the engine serves only "
+                    "unquantized float32/bfloat16/float16 checkpoints"
+                )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(f"config.json: model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
         act = raw.get("hidden_act", "silu")
