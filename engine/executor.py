@@ -149,6 +149,10 @@ class StepExecutor:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampledToken]:
         """COLLECTIVE. Run one step; the sampled tokens of the whole plan, in chunk order (same on every rank)."""
+        if not plan.chunks:  # only sequences to register or forget: no forward (every rank skips it alike)
+            self.register(plan.new)
+            self._forget(plan.finished)
+            return []
         hidden, batch, mine = self.forward(plan)
         sampled = [i for i, c in enumerate(plan.chunks) if c.sample]
         records = [self.sequences[plan.chunks[i].seq_id] for i in sampled]
@@ -178,6 +182,9 @@ class StepExecutor:
             k = _top_logprobs(record.params)
             top = tuple((int(values[row][2 + j]), float(values[row][2 + width + j])) for j in range(k))
             out.append(SampledToken(seq_id, token, float(values[row][1]), top))
-        for seq_id in plan.finished:
-            self.sequences.pop(seq_id, None)
+        self._forget(plan.finished)
         return out
+
+    def _forget(self, seq_ids: Sequence[int]) -> None:
+        for seq_id in seq_ids:
+            self.sequences.pop(seq_id, None)
