@@ -237,7 +237,10 @@ def logprobs_block(request: GenerationRequest, tokens: list[int], entries: list[
     """OpenAI logprobs of ``tokens``: completions' parallel lists, or chat's ``content`` list."""
     if request.params.logprobs is None:
         return None
-    piece = (lambda t: tokenizer.decode([t])) if tokenizer is not None else (lambda t: f"<{t}>")
+    def piece(token: int) -> str:  # a token with no text of its own is shown by id (so dict keys stay distinct)
+        text = tokenizer.decode([token]) if tokenizer is not None else ""
+        return text or f"<token {token}>"
+
     if request.chat:
         return {"content": [
             {"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode()),
