@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         return int(args._engine_run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
         # Bad figures (--ep/--tp, config.json, prompts, a missing folder) are user errors.
-        message = str(exc)
+        message = str(exc) or type(exc).__name__
     except RuntimeError as exc:
         # A rank of a local world failed (EngineWorldError: "rank R: Type: message"); the rank's
         # traceback goes to the log at debug level, not to the terminal.
@@ -139,6 +139,6 @@ def run(args: argparse.Namespace) -> int:
             raise
         logging.getLogger("moeshard.engine.cli").debug("%s", details)
         message = f"engine rank failed: {exc}"
-    first_line = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    first_line = message.strip().splitlines()[0]
     print(f"moeshard engine {args.engine_command}: error: {first_line}", file=sys.stderr)
     return 2
