@@ -79,11 +79,13 @@ def limits_from_runtime(runtime: Any, options: ServeOptions, model_path: str) ->
     """ServingLimits from the runtime's model config, generation_config.json and tokenizer."""
     from moeshard.engine.sampling import GenerationDefaults
 
-    config = runtime.config
-    eos = getattr(config, "eos_token_id", None)
-    eos_ids = tuple(int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+    try:
+        eos = json.loads(Path(model_path, "config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        eos = None
+    eos_ids = tuple(int(t) for t in (eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []))
     return ServingLimits(
-        vocab_size=int(config.vocab_size),
+        vocab_size=int(runtime.config.vocab_size),
         defaults=GenerationDefaults.from_checkpoint(model_path, eos_ids),
         max_model_len=options.max_model_len or model_max_len(model_path),
         default_max_tokens=options.default_max_tokens,
