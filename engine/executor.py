@@ -158,10 +158,11 @@ class StepExecutor:
         records = [self.sequences[plan.chunks[i].seq_id] for i in sampled]
         width = max((_top_logprobs(r.params) for r in records), default=0)
         shared = torch.zeros((len(sampled), 2 + 2 * width), dtype=torch.float64, device=self.device)
-        local = [(row, i) for row, i in enumerate(sampled) if i in set(mine)]
+        position = {chunk: j for j, chunk in enumerate(mine)}  # plan chunk index -> this rank's sequence index
+        local = [(row, i) for row, i in enumerate(sampled) if i in position]
         if self.tp_rank == 0 and local:
             ends = batch.attn.query_starts
-            last = torch.tensor([ends[mine.index(i) + 1] - 1 for _, i in local], device=self.device)
+            last = torch.tensor([ends[position[i] + 1] - 1 for _, i in local], device=self.device)
             logits = self.model.logits(hidden[last]).float()
             tokens, logprobs, top_ids, top_lp = sample_rows(logits, [records[row] for row, _ in local], self.device)
             rows = torch.tensor([row for row, _ in local], device=self.device)

@@ -207,7 +207,7 @@ class Scheduler:
             take(seq, count)
         forget, self._forget = tuple(self._forget), []
         if not chunks and not forget:
-            return StepPlan("idle", tuple(new))
+            return StepPlan("idle")
         return StepPlan("step", tuple(new), tuple(chunks.values()), forget)
 
     def on_step(self, sampled: Seq[SampledToken]) -> list[tuple[Sequence, SampledToken]]:
