@@ -42,9 +42,11 @@ with one log line and moeshard_placement_rejected_total.
 _LAUNCH_EPILOG = """\
 example (4 CPU ranks, attention TP 2, a placement file you can edit while it serves):
   moeshard engine launch --nproc 4 --tp 2 --model ./tiny-qwen3-moe --port 8000 --placement placement.json
-  curl -s localhost:8000/v1/completions -d '{"prompt": [1, 2, 3], "max_tokens": 8}'
+  curl -s localhost:8000/v1/completions -d '{"prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0}'
+  curl -sN localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}], "stream": true}'
+  (chat and text prompts need a tokenizer in the checkpoint folder)
 
-Ctrl-C (or SIGTERM) lets rank 0 finish the queued requests and stop every rank.
+Ctrl-C (or SIGTERM) lets rank 0 finish the running requests and stop every rank.
 """
 
 
