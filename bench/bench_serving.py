@@ -39,7 +39,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import standard_parser, write_result  # noqa: E402
-
 from moeshard.engine.verify import make_tiny_model  # noqa: E402
 
 SHORT_PROMPT, SHORT_OUTPUT = 64, 16

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from moeshard.engine.sampling import GenerationDefaults, SamplingParamError, SamplingParams
+from moeshard.engine.sampling import (
+    GenerationDefaults,
+    SamplingParamError,
+    SamplingParams,
+)
 
 SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
                              "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "ignore_eos"})

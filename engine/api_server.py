@@ -24,12 +24,12 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
-
 from moeshard.engine.api_schema import (
     GenerationRequest,
     RequestError,
@@ -63,7 +63,6 @@ class ServingState:
     intake: Any = None  # moeshard.engine.step_loop.Intake
     metrics: Any = None
     placement_json: bytes | None = None
-    active: set = field(default_factory=set)
 
     def set_placement(self, placement: Any) -> None:
         self.placement_json = placement.to_json().encode()
@@ -167,7 +166,7 @@ def build_app(state: ServingState) -> web.Application:
     async def _next(events: asyncio.Queue) -> Any:
         try:  # the step loop answers timeouts itself; this only guards against a dead loop
             return await asyncio.wait_for(events.get(), timeout=state.request_timeout + 30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return ErrorEvent(RequestError(None, "no answer from the engine", HTTPStatus.GATEWAY_TIMEOUT))
 
     async def _collect(serving: ServingRequest, events: asyncio.Queue) -> web.Response:
@@ -252,7 +251,7 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="moeshard-http", daemon=True)
 
-    def start(self) -> "ApiServer":
+    def start(self) -> ApiServer:
         """Bind and serve; OSError when the address is taken."""
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)

@@ -23,12 +23,12 @@ whole plan, L top logprobs, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from moeshard.engine.kv_cache import PagedKVCache
 from moeshard.engine.model import MoEModel, StepBatch
 from moeshard.engine.paged_attention import PagedMetadata

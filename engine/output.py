@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from moeshard.engine.api_schema import GenerationRequest, RequestError
 from moeshard.engine.step_plan import SampledToken

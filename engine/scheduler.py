@@ -30,11 +30,17 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any, Sequence as Seq
+from typing import Any
 
 from moeshard.engine.kv_cache import DEFAULT_BLOCK_SIZE, BlockPool
-from moeshard.engine.step_plan import NewSequence, SampledToken, ScheduledChunk, StepPlan
+from moeshard.engine.step_plan import (
+    NewSequence,
+    SampledToken,
+    ScheduledChunk,
+    StepPlan,
+)
 
 
 @dataclass(frozen=True)

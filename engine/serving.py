@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from moeshard.engine.api_schema import ServingLimits
 from moeshard.engine.api_server import ApiServer, ServingState
 from moeshard.engine.kv_cache import DEFAULT_BLOCK_SIZE

@@ -26,7 +26,6 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 import numpy as np
-
 from moeshard.engine.api_schema import RequestError
 from moeshard.engine.metrics import EngineMetrics
 from moeshard.engine.output import ServingRequest

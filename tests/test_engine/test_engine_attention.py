@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-
 from moeshard.engine.kv_cache import BlockPool, KVPoolShape, PagedKVCache
 from moeshard.engine.paged_attention import (
     PagedMetadata,

@@ -6,7 +6,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from moeshard.engine import kv_sizing
 from moeshard.engine.kv_sizing import (
     blocks_for_tokens,

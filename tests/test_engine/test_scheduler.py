@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from moeshard.engine.scheduler import Scheduler, SchedulerConfig, Sequence
 from moeshard.engine.step_plan import SampledToken
 

@@ -17,7 +17,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from moeshard.engine.api_schema import RequestError, ServingLimits, parse_request
 from moeshard.engine.api_server import ApiServer, ServingState
 from moeshard.engine.sampling import GenerationDefaults

@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-
 from moeshard.engine.verify import make_tiny_model, reference_outputs
 from support.tiny_tokenizer import save_tiny_tokenizer
 
@@ -49,7 +48,7 @@ def scrape(url: str) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
     root = tmp_path_factory.mktemp("openai")
-    model = make_tiny_model("qwen3_moe", root / "tiny")
+    make_tiny_model("qwen3_moe", root / "tiny")
     save_tiny_tokenizer(root / "tiny")
     log_path = root / "launch.log"
     log_file = open(log_path, "w")

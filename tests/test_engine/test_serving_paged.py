@@ -10,7 +10,6 @@ above the KV head count (tiny models have 2 KV heads; TP 4 replicates them).
 from __future__ import annotations
 
 import pytest
-
 from moeshard.engine.verify import local_env, reference_outputs, run_world
 from support.engine_tasks import scheduled_generate_task
 
