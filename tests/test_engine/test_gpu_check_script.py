@@ -40,6 +40,7 @@ def test_dry_run_assembles_every_part_and_writes_out(tmp_path):
     assert (tmp_path / "out" / "gpu_check_logs.txt").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_part_is_recorded_not_fatal(tmp_path):
     """On this CPU-only machine the real setup part fails (no CUDA): the summary says so and names it."""
     proc, summary = _run(tmp_path, GPU_CHECK_ONLY="setup")
