@@ -54,6 +54,10 @@ def make_trace(count: int, rate: float, seed: int) -> list[dict]:
              "max_tokens": int(outputs[i])} for i in range(count)]
 
 
+def is_short(item: dict) -> bool:
+    return len(item["prompt"]) <= SHORT_PROMPT and item["max_tokens"] <= SHORT_OUTPUT
+
+
 def stream_one(url: str, item: dict) -> dict:
     """Send one streamed completion; token arrival times relative to the send."""
     body = {"prompt": item["prompt"], "max_tokens": item["max_tokens"], "ignore_eos": True, "temperature": 0,
@@ -105,7 +109,7 @@ def summarize(trace: list[dict], results: list[dict], alone: list[dict]) -> dict
     ttft = [r["times"][0] for r in ok]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     span = max(r["sent"] + r["times"][-1] for r in ok) - min(r["sent"] for r in ok) if ok else None
-    short = [i for i, item in enumerate(trace) if len(item["prompt"]) <= SHORT_PROMPT and item["max_tokens"] <= SHORT_OUTPUT]
+    short = [i for i, item in enumerate(trace) if is_short(item)]
     short_ttft = [results[i]["times"][0] for i in short if results[i].get("ok")]
     alone_ttft = [r["times"][0] for r in alone if r.get("ok")]
     p99_short, p99_alone = percentile(short_ttft, 99), percentile(alone_ttft, 99)
@@ -154,7 +158,7 @@ def main() -> int:
     args = parser.parse_args()
     count = 12 if args.quick else args.requests
     trace = make_trace(count, args.rate, args.seed)
-    short = [item for item in trace if len(item["prompt"]) <= SHORT_PROMPT and item["max_tokens"] <= SHORT_OUTPUT]
+    short = [item for item in trace if is_short(item)]
     if not short:  # always measure a few short requests alone
         short = [{"at": 0.0, "prompt": list(range(1, 33)), "max_tokens": 8}]
     modes = {}

@@ -40,7 +40,8 @@ class RequestError(Exception):
         self.param, self.message, self.status = param, message, int(status)
 
     def body(self) -> dict[str, Any]:
-        kind = {404: "not_found_error"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        fallback = "invalid_request_error" if self.status < 500 else "server_error"
+        kind = {404: "not_found_error"}.get(self.status, fallback)
         text = f"{self.param}: {self.message}" if self.param else self.message
         return {"error": {"message": text, "type": kind, "param": self.param, "code": None}}
 

@@ -123,9 +123,10 @@ def paged_attention_flex(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.
     num_blocks, n, hkv, d = cache_k.shape
     if meta.flex_mask is None:
         meta.flex_mask = _flex_block_mask(meta, num_blocks, q.device)
-    keys = cache_k.view(1, num_blocks * n, hkv, d).transpose(1, 2)  # [1, Hkv, slots, D], a view
+    keys = cache_k.view(1, num_blocks * n, hkv, d).transpose(1, 2)  # [1, Hkv, slots, D]: a view
     vals = cache_v.view(1, num_blocks * n, hkv, d).transpose(1, 2)
-    out = _flex_kernel(q.is_cuda)(q.transpose(0, 1)[None], keys, vals, block_mask=meta.flex_mask, scale=scale, enable_gqa=True)
+    kernel = _flex_kernel(q.is_cuda)
+    out = kernel(q.transpose(0, 1)[None], keys, vals, block_mask=meta.flex_mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
 
 
