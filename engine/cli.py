@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+import sys
 
 HELP = "run and check the EP/TP MoE engine (verify, make-tiny-model, serve, launch)"
 
@@ -60,7 +62,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="ranks per NVLink domain; fewer than --ep exercises hierarchical dispatch")
     v.add_argument("--prompts", type=_prompts, default=None, help="'1,2,3;4,5' or JSON [[1,2,3],[4,5]]")
     v.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens compared with transformers.generate")
-    v.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit error allowed")
+    v.add_argument("--tolerance", type=float, default=None,
+                   help="max abs logit error allowed (default per dtype: 1e-4 for float32, 1.6%% of the largest "
+                        "logit for bfloat16, 0.2%% for float16; see moeshard.engine.verify.RELATIVE_TOLERANCE)")
+    v.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype of the engine AND of the transformers reference (default: the checkpoint's)")
     v.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: gloo ranks; cuda: NCCL ranks, one GPU each (transformers runs on CPU)")
     v.set_defaults(_engine_run=_run_verify)
@@ -96,7 +102,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     report = verify(
         args.model, ep=args.ep, tp=args.tp, redundant_slots=args.redundant_slots, prompts=args.prompts,
         max_new_tokens=args.max_new_tokens, gpus_per_domain=args.gpus_per_domain, tolerance=args.tolerance,
-        device=args.device,
+        device=args.device, dtype=args.dtype,
     )
     print(report_json(report))
     return 0 if report["ok"] else 1
@@ -119,10 +125,20 @@ def _run_make_tiny(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run one engine sub-command; a user error prints ``moeshard engine CMD: error: ...`` (one line), exit 2."""
     try:
         return int(args._engine_run(args) or 0)
-    except ValueError as exc:
-        # Bad figures (--ep/--tp, config.json) are user errors: one line, exit 2.
-        from moeshard.core.errors import CommandError
-
-        raise CommandError(str(exc)) from None
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad figures (--ep/--tp, config.json, prompts, a missing folder) are user errors.
+        message = str(exc) or type(exc).__name__
+    except RuntimeError as exc:
+        # A rank of a local world failed (EngineWorldError: "rank R: Type: message"); the rank's
+        # traceback goes to the log at debug level, not to the terminal.
+        details = getattr(exc, "details", None)
+        if details is None:
+            raise
+        logging.getLogger("moeshard.engine.cli").debug("%s", details)
+        message = f"engine rank failed: {exc}"
+    first_line = message.strip().splitlines()[0]
+    print(f"moeshard engine {args.engine_command}: error: {first_line}", file=sys.stderr)
+    return 2

@@ -47,31 +47,54 @@ LINK_CLASSES = ("intra_domain", "inter_domain")
 
 @dataclass
 class CommStats:
-    """Cumulative traffic of one rank (all MoE layers, dispatch + combine)."""
+    """Cumulative traffic of one rank (all MoE layers, dispatch + combine).
+
+    The per-rank counters stay on the device (a scatter_add per layer, no host
+    sync); ``rank_tokens`` / ``rank_pairs`` read them when metrics are published.
+    """
 
     world_size: int
     link_bytes: dict[str, int] = field(default_factory=lambda: {c: 0 for c in LINK_CLASSES})
-    rank_tokens: list[int] = field(default_factory=list)  # [W] token rows dispatched to each final rank
-    # [W + 1] (token, expert) pairs computed by each rank (slot 0: pairs with no rank), kept on the
-    # device so counting them costs no host sync per layer; read by rank_pair_counts().
+    # [W] token rows dispatched to each final rank.
+    token_counts: torch.Tensor | None = None
+    # [W + 1] (token, expert) pairs computed by each rank (slot 0: pairs with no rank).
     pair_counts: torch.Tensor | None = None
 
-    def __post_init__(self) -> None:
-        if not self.rank_tokens:
-            self.rank_tokens = [0] * self.world_size
+    def add_tokens(self, rows_per_rank: torch.Tensor) -> None:
+        """Add one layer's rows per final destination rank [W] (a device tensor)."""
+        if self.token_counts is None:
+            self.token_counts = torch.zeros(self.world_size, dtype=torch.int64, device=rows_per_rank.device)
+        self.token_counts += rows_per_rank.to(torch.int64)
 
-    def add_pairs(self, dest_rank: torch.Tensor) -> None:
-        """Count this rank's (token, expert) pairs by the rank that computes them (the GEMM load)."""
+    def add_pairs(self, dest_rank: torch.Tensor) -> torch.Tensor:
+        """Count this rank's (token, expert) pairs by the rank that computes them (the GEMM load).
+
+        Returns this call's pairs per rank [W] (device), which dispatch sends beside the row counts.
+        """
+        layer = pairs_per_rank(dest_rank, self.world_size)
         if self.pair_counts is None:
             self.pair_counts = torch.zeros(self.world_size + 1, dtype=torch.int64, device=dest_rank.device)
-        index = (dest_rank.reshape(-1) + 1).clamp(min=0)
-        self.pair_counts.scatter_add_(0, index, torch.ones_like(index))
+        self.pair_counts[1:] += layer
+        return layer
+
+    @property
+    def rank_tokens(self) -> list[int]:
+        if self.token_counts is None:
+            return [0] * self.world_size
+        return self.token_counts.tolist()
 
     @property
     def rank_pairs(self) -> list[int]:
         if self.pair_counts is None:
             return [0] * self.world_size
         return self.pair_counts[1:].tolist()
+
+
+def pairs_per_rank(dest_rank: torch.Tensor, world_size: int) -> torch.Tensor:
+    """(token, k) pairs per destination rank [W] int64 from dest_rank [T, K] (-1 = no pair); no host sync."""
+    index = (dest_rank.reshape(-1) + 1).clamp(min=0)
+    counts = torch.zeros(world_size + 1, dtype=torch.int64, device=dest_rank.device)
+    return counts.scatter_add_(0, index, torch.ones_like(index))[1:]
 
 
 @dataclass
@@ -89,19 +112,66 @@ class _Exchange:
         return _all_to_all_rows(t, self.recv_counts, self.send_counts, self.group)
 
 
-def _exchange_counts(send_counts: torch.Tensor, group=None) -> list[int]:
-    """All-to-all of per-destination row counts [G] -> per-source counts [G] (G = group size)."""
-    recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts, group=group)
-    return recv.tolist()
+def _exchange_counts(send: torch.Tensor, group=None) -> tuple[list[list[int]], list[list[int]]]:
+    """All-to-all of per-destination counts [G, C] (row j goes to member j) -> (sent, received) on the host.
+
+    The exchange itself stays on the device; the ONE host sync of an uneven
+    exchange is the single ``.tolist()`` here, which reads the sent and the
+    received counts together (all_to_all_single takes its split sizes as
+    host integers). A group of one exchanges with itself without a collective.
+    """
+    recv = send.clone() if _group_size(group) == 1 else torch.empty_like(send)
+    if _group_size(group) > 1:
+        dist.all_to_all_single(recv, send.contiguous(), group=group)
+    both = torch.stack([send, recv]).tolist()  # HOST SYNC (the one per uneven exchange)
+    return both[0], both[1]
+
+
+def _group_size(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
 def _all_to_all_rows(t: torch.Tensor, send_counts: list[int], recv_counts: list[int], group=None) -> torch.Tensor:
     """Rows of ``t`` [sum(send_counts), ...] grouped by destination -> received rows grouped by source."""
+    if _group_size(group) == 1:
+        return t.clone()
     out = t.new_empty((sum(recv_counts), *t.shape[1:]))
     dist.all_to_all_single(out, t.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
                            group=group)
     return out
+
+
+def _all_to_all_equal(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Equal-split all-to-all of ``t`` [G * C, ...]: no split sizes on the host, capturable in a CUDA graph."""
+    if _group_size(group) == 1:
+        return t.clone()
+    out = torch.empty_like(t)
+    dist.all_to_all_single(out, t.contiguous(), group=group)
+    return out
+
+
+def row_hits(dest_rank: torch.Tensor, world_size: int) -> torch.Tensor:
+    """[W, T] bool: token t has at least one pair on rank r (dest_rank [T, K], -1 = no pair); no host sync."""
+    t = dest_rank.shape[0]
+    hit = torch.zeros((t, world_size + 1), dtype=torch.bool, device=dest_rank.device)
+    hit.scatter_(1, torch.where(dest_rank < 0, world_size, dest_rank), True)
+    return hit[:, :world_size].t()
+
+
+def compact_rows(hit: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_token [N], row_rank [N]) of the set entries of ``hit`` [W, T], by rank then token.
+
+    ``total`` = N, the number of set entries, already known on the host, so
+    no ``nonzero`` (whose output size would need a sync): entry j of the
+    flattened mask lands at position cumsum - 1, unset entries in a dump slot.
+    """
+    w, t = hit.shape
+    flat = hit.reshape(-1)
+    position = torch.where(flat, torch.cumsum(flat, 0) - 1, total)
+    rows = torch.empty(total + 1, dtype=torch.int64, device=hit.device)
+    rows.scatter_(0, position, torch.arange(w * t, device=hit.device))
+    rows = rows[:total]
+    return rows % max(t, 1), rows // max(t, 1)
 
 
 def dedup_rows(dest_rank: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,13 +180,11 @@ def dedup_rows(dest_rank: torch.Tensor, world_size: int) -> tuple[torch.Tensor, 
     dest_rank: [T, K] int64 destination of each (token, k) pair, -1 = no pair.
     Returns (row_token [N] token index of each row, row_rank [N] its destination,
     counts [W] rows per destination); rows are sorted by destination, then token.
+    Reads N on the host (one sync); dispatch gets N from its count exchange instead.
     """
-    t = dest_rank.shape[0]
-    hit = torch.zeros((t, world_size + 1), dtype=torch.bool, device=dest_rank.device)
-    hit.scatter_(1, torch.where(dest_rank < 0, world_size, dest_rank), True)
-    hit = hit[:, :world_size]
-    row_rank, row_token = hit.t().nonzero(as_tuple=True)  # row-major over [W, T]: by rank, then token
-    counts = hit.sum(dim=0)
+    hit = row_hits(dest_rank, world_size)
+    counts = hit.sum(dim=1)
+    row_token, row_rank = compact_rows(hit, int(counts.sum()))
     return row_token, row_rank, counts
 
 
@@ -174,33 +242,65 @@ class AllToAll(ABC):
 
 @dataclass
 class _FlatHandle:
-    exchange: _Exchange
+    exchange: _Exchange | None  # None: the padded (equal-split) exchange
     row_token: torch.Tensor  # [N] token of each sent row
     num_tokens: int
+    live_pairs: int | None  # pairs this rank computes, when known on the host without a sync
 
 
 class FlatAllToAll(AllToAll):
-    """One deduplicated all-to-all over the whole EP group."""
+    """One deduplicated all-to-all over the whole EP group.
+
+    ``padded`` (for CUDA-graph capture of bucketed decode steps): every rank
+    sends T rows to every rank (its whole batch, slot -1 where a token has no
+    pair there) with equal splits, so nothing is read on the host; every rank
+    of the group must then step the same T (the bucket). Otherwise rows are
+    deduplicated and the split sizes cost one host sync per layer.
+    """
+
+    padded: bool = False
 
     def dispatch(self, x, dest_rank, local_slot, weights):
+        if self.padded:
+            return self._dispatch_padded(x, dest_rank, local_slot, weights)
         w = self.parallel.world_size
-        row_token, row_rank, counts = dedup_rows(dest_rank, w)
-        send_counts = counts.tolist()
-        recv_counts = _exchange_counts(counts)
+        hit = row_hits(dest_rank, w)
+        rows = hit.sum(dim=1)
+        pairs = self.stats.add_pairs(dest_rank)
+        self.stats.add_tokens(rows)
+        sent, received = _exchange_counts(torch.stack([rows, pairs], dim=1))  # the layer's one host sync
+        send_counts, recv_counts = [r for r, _ in sent], [r for r, _ in received]
+        row_token, row_rank = compact_rows(hit, sum(send_counts))
         ex = _Exchange(send_counts, recv_counts)
         recv_x = ex.forward(x[row_token])
         meta = ex.forward(_pack(_row_pairs(local_slot, dest_rank, row_token, row_rank, -1),
                                 _row_pairs(weights, dest_rank, row_token, row_rank, 0.0)))
-        slot, w = _unpack(meta, 2)
-        recv_slot, recv_w = slot.to(torch.int64), w.to(x.dtype)
-        row_bytes = x.shape[1] * x.element_size()
-        self._count(send_counts, row_bytes)
-        for r, n in enumerate(send_counts):
-            self.stats.rank_tokens[r] += n
+        slot, wts = _unpack(meta, 2)
+        self._count(send_counts, x.shape[1] * x.element_size())
+        live = sum(p for _, p in received)
+        return recv_x, slot.to(torch.int64), wts.to(x.dtype), _FlatHandle(ex, row_token, x.shape[0], live)
+
+    def _dispatch_padded(self, x, dest_rank, local_slot, weights):
+        w, (t, h) = self.parallel.world_size, x.shape
         self.stats.add_pairs(dest_rank)
-        return recv_x, recv_slot, recv_w, _FlatHandle(ex, row_token, x.shape[0])
+        self.stats.add_tokens(row_hits(dest_rank, w).sum(dim=1))
+        keep = dest_rank.unsqueeze(0) == torch.arange(w, device=x.device).view(w, 1, 1)  # [W, T, K]
+        send_x = x.unsqueeze(0).expand(w, t, h).reshape(w * t, h)
+        k = dest_rank.shape[1]
+        meta = _pack(torch.where(keep, local_slot.unsqueeze(0), -1).reshape(w * t, k),
+                     torch.where(keep, weights.unsqueeze(0), 0.0).reshape(w * t, k))
+        recv_x = _all_to_all_equal(send_x)
+        slot, wts = _unpack(_all_to_all_equal(meta), 2)
+        self._count([t] * w, h * x.element_size())  # padded rows do cross the links
+        row_token = torch.arange(t, device=x.device).repeat(w)
+        return recv_x, slot.to(torch.int64), wts.to(x.dtype), _FlatHandle(None, row_token, t, None)
 
     def combine(self, y, handle: _FlatHandle):
+        if handle.exchange is None:  # padded: row r * T + t of the answer is token t's part from rank r
+            w, t = self.parallel.world_size, handle.num_tokens
+            back = _all_to_all_equal(y)
+            self._count([t] * w, y.shape[1] * y.element_size())
+            return back.view(w, t, y.shape[1]).float().sum(dim=0).to(y.dtype)
         ex = handle.exchange
         back = ex.backward(y)
         self._count(ex.recv_counts, y.shape[1] * y.element_size())
@@ -217,6 +317,7 @@ class _HierHandle:
     intra: _Exchange
     intra_row_src: torch.Tensor  # [N2] forwarded row (index into stage-1 receives) of each stage-2 row
     num_forwarded: int
+    live_pairs: int  # pairs this rank computes (from the stage-2 count exchange)
 
 
 class HierarchicalAllToAll(AllToAll):
@@ -245,10 +346,15 @@ class HierarchicalAllToAll(AllToAll):
         p = self.parallel
         m, d = p.domain_size, p.num_domains
         row_bytes = x.shape[1] * x.element_size()
+        # Final destinations of this rank's own tokens and pairs (device counters).
+        self.stats.add_pairs(dest_rank)
+        self.stats.add_tokens(row_hits(dest_rank, p.world_size).sum(dim=1))
         # 1. Stage 1: one row per (token, destination domain) to this rank's rail member there.
         dest_domain = torch.where(dest_rank < 0, -1, dest_rank // m)
-        row_token, row_domain, counts1 = dedup_rows(dest_domain, d)
-        ex1 = _Exchange(counts1.tolist(), _exchange_counts(counts1, self.rail_group), self.rail_group)
+        hit1 = row_hits(dest_domain, d)
+        sent1, received1 = _exchange_counts(hit1.sum(dim=1, keepdim=True), self.rail_group)  # host sync 1 of 2
+        ex1 = _Exchange([r for r, in sent1], [r for r, in received1], self.rail_group)
+        row_token, row_domain = compact_rows(hit1, sum(ex1.send_counts))
         keep = dest_domain[row_token] == row_domain[:, None]
         fwd_x = ex1.forward(x[row_token])
         meta = ex1.forward(_pack(torch.where(keep, dest_rank[row_token] % m, -1),
@@ -258,20 +364,20 @@ class HierarchicalAllToAll(AllToAll):
         fwd_local, fwd_slot = fwd_local.to(torch.int64), fwd_slot.to(torch.int64)
         self._count(ex1.send_counts, row_bytes, self.rail_ranks)
         # 2. Stage 2: rows received in stage 1 fan out inside this domain, deduplicated per rank.
-        row_src, row_local, counts2 = dedup_rows(fwd_local, m)
-        ex2 = _Exchange(counts2.tolist(), _exchange_counts(counts2, self.domain_group), self.domain_group)
+        #    Its split sizes depend on what stage 1 delivered: the second (and last) host sync.
+        hit2 = row_hits(fwd_local, m)
+        sent2, received2 = _exchange_counts(torch.stack([hit2.sum(dim=1), pairs_per_rank(fwd_local, m)], dim=1),
+                                            self.domain_group)  # host sync 2 of 2
+        ex2 = _Exchange([r for r, _ in sent2], [r for r, _ in received2], self.domain_group)
+        row_src, row_local = compact_rows(hit2, sum(ex2.send_counts))
         recv_x = ex2.forward(fwd_x[row_src])
         meta = ex2.forward(_pack(_row_pairs(fwd_slot, fwd_local, row_src, row_local, -1),
                                  _row_pairs(fwd_w, fwd_local, row_src, row_local, 0.0)))
         slot, w = _unpack(meta, 2)
         recv_slot, recv_w = slot.to(torch.int64), w.to(x.dtype)
         self._count(ex2.send_counts, row_bytes, self.domain_ranks)
-        # Final destinations of this rank's own tokens (what rank_token_counts reports).
-        _, _, final_counts = dedup_rows(dest_rank, p.world_size)
-        for r, n in enumerate(final_counts.tolist()):
-            self.stats.rank_tokens[r] += n
-        self.stats.add_pairs(dest_rank)
-        handle = _HierHandle(ex1, row_token, x.shape[0], ex2, row_src, fwd_x.shape[0])
+        live = sum(pairs for _, pairs in received2)
+        handle = _HierHandle(ex1, row_token, x.shape[0], ex2, row_src, fwd_x.shape[0], live)
         return recv_x, recv_slot, recv_w, handle
 
     def combine(self, y, handle: _HierHandle):

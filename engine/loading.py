@@ -32,6 +32,9 @@ log = logging.getLogger("moeshard.engine.loading")
 
 # Checkpoints above this size show a progress bar while a rank loads its share.
 PROGRESS_MIN_BYTES = 1 << 30
+# safetensors dtype names the engine loads as weights; FP8 / int8 / packed int4 tensors are refused by name
+# (a second guard behind config.json's quantization_config check, for checkpoints that forgot to declare it).
+FLOAT_DTYPES = ("F32", "BF16", "F16")
 
 _PER_EXPERT_NAMES = {
     # model_type: (gate, up, down) leaf names under experts.e
@@ -77,7 +80,13 @@ class CheckpointReader:
     def _slice(self, name: str):
         if name not in self._where:
             raise CheckpointError(f"{self.model_dir}: tensor {name!r} not found in the checkpoint")
-        return self._handles[self._where[name]].get_slice(name)
+        view = self._handles[self._where[name]].get_slice(name)
+        if view.get_dtype() not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{self.model_dir}: tensor {name!r} is stored as {view.get_dtype()} (quantized?); the engine reads only "
+                f"{', '.join(FLOAT_DTYPES)} weights"
+            )
+        return view
 
     def shape(self, name: str) -> list[int]:
         return list(self._slice(name).get_shape())

@@ -37,7 +37,20 @@ from moeshard.core.naming import (
     SCOPE_REPLICA,
 )
 
+# Serving metric names (beside the contract names of moeshard.core.naming; candidates to move there).
+METRIC_TTFT = "moeshard_time_to_first_token_seconds"  # histogram: arrival -> first token of a request
+METRIC_ITL = "moeshard_inter_token_latency_seconds"  # histogram: between two tokens of one sequence
+METRIC_QUEUE_TIME = "moeshard_request_queue_seconds"  # histogram: arrival -> first scheduled
+METRIC_RUNNING = "moeshard_requests_running"  # gauge: sequences in the running batch
+METRIC_WAITING = "moeshard_requests_waiting"  # gauge: sequences waiting (new or preempted)
+METRIC_KV_BLOCKS = "moeshard_kv_blocks"  # gauge {state="used"|"free"}, summed over attention-DP groups
+METRIC_PROMPT_TOKENS = "moeshard_prompt_tokens_total"  # counter: prompt tokens of admitted requests (x n)
+METRIC_GENERATION_TOKENS = "moeshard_generation_tokens_total"  # counter: sampled tokens
+METRIC_PREEMPTIONS = "moeshard_preemptions_total"  # counter: sequences preempted for recomputation
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Token latency buckets in seconds: milliseconds per token on a GPU, up to seconds on CPU ranks.
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Request latency buckets in seconds: a decode step is milliseconds on a GPU,
 # a long completion on CPU takes tens of seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -100,7 +113,30 @@ class EngineMetrics:
             METRIC_PLACEMENT_REJECTED, "Placement files refused as invalid for this group (the old placement stays).",
             _SCOPE_NAMES, registry=self.registry,
         )
+        self._ttft = Histogram(METRIC_TTFT, "Time from a request's arrival to its first generated token.",
+                               _SCOPE_NAMES, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._itl = Histogram(METRIC_ITL, "Time between two generated tokens of one sequence.",
+                              _SCOPE_NAMES, buckets=TOKEN_BUCKETS, registry=self.registry)
+        self._queue = Histogram(METRIC_QUEUE_TIME, "Time from a request's arrival to its first scheduled step.",
+                                _SCOPE_NAMES, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._running = Gauge(METRIC_RUNNING, "Sequences in the running batch.", _SCOPE_NAMES, registry=self.registry)
+        self._waiting = Gauge(METRIC_WAITING, "Sequences waiting to be scheduled (new or preempted).", _SCOPE_NAMES,
+                              registry=self.registry)
+        self._blocks = Gauge(METRIC_KV_BLOCKS, "Paged KV cache blocks by state, summed over attention-DP groups.",
+                             (*_SCOPE_NAMES, "state"), registry=self.registry)
+        self._prompt_tokens = Counter(METRIC_PROMPT_TOKENS, "Prompt tokens of admitted requests (times n).",
+                                      _SCOPE_NAMES, registry=self.registry)
+        self._generation_tokens = Counter(METRIC_GENERATION_TOKENS, "Generated (sampled) tokens.", _SCOPE_NAMES,
+                                          registry=self.registry)
+        self._preemptions = Counter(METRIC_PREEMPTIONS, "Sequences preempted (KV blocks freed) for recomputation.",
+                                    _SCOPE_NAMES, registry=self.registry)
         scope_values = scope.values()
+        self._serving = {name: family.labels(*scope_values) for name, family in (
+            ("ttft", self._ttft), ("itl", self._itl), ("queue", self._queue), ("running", self._running),
+            ("waiting", self._waiting), ("prompt", self._prompt_tokens), ("generation", self._generation_tokens),
+            ("preemptions", self._preemptions))}
+        self._blocks_used = self._blocks.labels(*scope_values, "used")
+        self._blocks_free = self._blocks.labels(*scope_values, "free")
         # Children are resolved once; labels() is a dict lookup under a lock.
         self._expert_children = [
             [self._expert_tokens.labels(*scope_values, str(layer), str(expert)) for expert in range(num_experts)]
@@ -143,6 +179,30 @@ class EngineMetrics:
 
     def observe_request_latency(self, seconds: float) -> None:
         self._latency_child.observe(seconds)
+
+    def observe_time_to_first_token(self, seconds: float) -> None:
+        self._serving["ttft"].observe(seconds)
+
+    def observe_inter_token_latency(self, seconds: float) -> None:
+        self._serving["itl"].observe(seconds)
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self._serving["queue"].observe(seconds)
+
+    def set_scheduler_state(self, *, running: int, waiting: int, blocks_used: int, blocks_free: int) -> None:
+        self._serving["running"].set(running)
+        self._serving["waiting"].set(waiting)
+        self._blocks_used.set(blocks_used)
+        self._blocks_free.set(blocks_free)
+
+    def add_prompt_tokens(self, count: int) -> None:
+        self._serving["prompt"].inc(count)
+
+    def add_generation_tokens(self, count: int) -> None:
+        self._serving["generation"].inc(count)
+
+    def add_preemptions(self, count: int) -> None:
+        self._serving["preemptions"].inc(count)
 
     def set_placement_version(self, version: int) -> None:
         self._version_child.set(version)

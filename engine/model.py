@@ -1,14 +1,17 @@
 """Qwen3-MoE / Mixtral decoder, written to read like transformers' models, with parallelism applied.
 
 Tokens travel packed: a step's hidden states are [T, H] for the sequences of
-this rank's attention-DP group (T = sum of their new tokens). Attention pads
-them per sequence internally and reads/writes a per-rank KV cache.
+this rank's attention-DP group (T = sum of their new tokens: decode tokens and
+prefill chunks mixed). Attention writes each token's K/V into the rank's paged
+pool and reads each sequence's keys through its block table
+(moeshard.engine.paged_attention).
 
 Parallel pieces (see moeshard.engine.parallel):
 
 * attention: Megatron TP over the TP group. q/k/v projections are split by
   heads (rows), o_proj by its input columns, one all-reduce after o_proj.
-  Requires Hkv % tp == 0 (KV heads are not replicated).
+  When tp exceeds Hkv, each rank loads and caches the one KV head its
+  query heads read (replicated on tp / Hkv ranks, as vLLM does).
 * MoE: each TP rank routes a 1/tp chunk of the tokens through the EP-wide
   :class:`moeshard.engine.moe.MoELayer`; the TP group all-gathers the result.
 * replicated on every rank: embeddings, lm_head, norms, routers and the dense
@@ -29,8 +32,11 @@ import torch.nn.functional as F
 
 from moeshard.engine.comm import AllToAll
 from moeshard.engine.config import ModelConfig, ParallelConfig
+from moeshard.engine.kv_cache import KVPoolShape, PagedKVCache
+from moeshard.engine.kv_sizing import check_attention_tp, first_kv_head, kv_heads_per_rank
 from moeshard.engine.loading import PROGRESS_MIN_BYTES, CheckpointReader, maybe_progress
 from moeshard.engine.moe import MoELayer
+from moeshard.engine.paged_attention import PagedMetadata, paged_attention
 from moeshard.engine.parallel import ProcessGroups
 from moeshard.core.placement import Placement
 
@@ -61,71 +67,18 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 class StepBatch:
     """The tokens of one forward step on this rank (its attention-DP group's sequences).
 
-    cache_rows [B]: KV-cache row of each sequence; past_lens [B]: tokens
-    already cached; new_lens [B]: tokens in this step; tokens [T] packed;
-    token_keys [T]: each token's index in the whole group's step batch.
-    max_new / max_kv: the step's S_q = max(new_lens) and S_kv =
-    max(past_lens + new_lens) as Python ints (0 when B = 0). Pass them when
-    the lengths are known on the host; otherwise they are read from the
-    tensors once here, not once per layer.
+    tokens [T] packed by sequence; token_keys [T]: each token's index in the
+    whole group's step batch (replica choice); attn: where each token sits in
+    the paged KV cache (positions, block tables, per-sequence lengths).
     """
 
-    cache_rows: torch.Tensor
-    past_lens: torch.Tensor
-    new_lens: torch.Tensor
     tokens: torch.Tensor
     token_keys: torch.Tensor
-    max_new: int | None = None
-    max_kv: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new is None or self.max_kv is None:
-            if self.new_lens.numel() == 0:
-                self.max_new, self.max_kv = 0, 0
-            else:
-                spans = torch.stack([self.new_lens.max(), (self.past_lens + self.new_lens).max()]).tolist()
-                self.max_new, self.max_kv = int(spans[0]), int(spans[1])
+    attn: PagedMetadata
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
-
-    def token_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence index in the batch [T], offset inside the step [T]) of each packed token."""
-        seq = torch.repeat_interleave(torch.arange(self.new_lens.numel(), device=self.tokens.device), self.new_lens,
-                                      output_size=self.tokens.numel())  # known size: no host sync
-        starts = torch.cumsum(self.new_lens, 0) - self.new_lens
-        return seq, torch.arange(seq.numel(), device=seq.device) - starts[seq]
-
-
-class KVCache:
-    """Per-rank cache: k, v [rows, Hkv, capacity, D] per decoder layer."""
-
-    def __init__(self, num_layers: int, rows: int, kv_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        shape = (rows, kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.capacity = capacity
-
-
-def attention_mask(past_lens: torch.Tensor, new_lens: torch.Tensor, s_q: int, s_kv: int,
-                   sliding_window: int | None) -> torch.Tensor:
-    """Boolean mask [B, 1, S_q, S_kv], True where a query may attend to a key.
-
-    Sequence b's query i sits at absolute position past_lens[b] + i and sees
-    keys 0..that position (the last ``sliding_window`` of them when set).
-    Padded queries (i >= new_lens[b]) see key 0 only, so no softmax row is
-    empty; their outputs are dropped.
-    """
-    q_idx = torch.arange(s_q, device=past_lens.device)
-    q_pos = past_lens[:, None] + q_idx[None, :]  # [B, S_q]
-    k_pos = torch.arange(s_kv, device=past_lens.device)[None, None, :]
-    allowed = k_pos <= q_pos[:, :, None]
-    if sliding_window is not None:
-        allowed &= k_pos > q_pos[:, :, None] - sliding_window
-    q_valid = q_idx[None, :] < new_lens[:, None]
-    return torch.where(q_valid[:, :, None], allowed, k_pos == 0)[:, None]
 
 
 class Attention:
@@ -134,16 +87,22 @@ class Attention:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], groups: ProcessGroups, layer: int) -> None:
         self.cfg, self.w, self.groups, self.layer = cfg, weights, groups, layer
         tp = groups.parallel.tp_size
-        self.heads, self.kv_heads = cfg.num_attention_heads // tp, cfg.num_kv_heads // tp
+        self.heads, self.kv_heads = cfg.num_attention_heads // tp, kv_heads_per_rank(cfg.num_kv_heads, tp)
         self.scale = cfg.head_dim ** -0.5
 
     @staticmethod
     def load(reader: CheckpointReader, cfg: ModelConfig, parallel: ParallelConfig, prefix: str) -> dict[str, torch.Tensor]:
-        """This TP rank's shard of one layer's attention weights."""
+        """This TP rank's shard of one layer's attention weights.
+
+        q rows and o columns are split by query heads; k/v rows are split by KV
+        heads, or, when TP exceeds Hkv, the one KV head this rank's query heads
+        read is loaded (replicated on tp / Hkv ranks).
+        """
         tp, r, d = parallel.tp_size, parallel.tp_rank, cfg.head_dim
-        hq, hkv = cfg.num_attention_heads // tp, cfg.num_kv_heads // tp
-        spans = {"q": (r * hq * d, (r + 1) * hq * d), "k": (r * hkv * d, (r + 1) * hkv * d),
-                 "v": (r * hkv * d, (r + 1) * hkv * d)}
+        hq, hkv = cfg.num_attention_heads // tp, kv_heads_per_rank(cfg.num_kv_heads, tp)
+        kv0 = first_kv_head(cfg.num_attention_heads, cfg.num_kv_heads, tp, r)
+        spans = {"q": (r * hq * d, (r + 1) * hq * d), "k": (kv0 * d, (kv0 + hkv) * d),
+                 "v": (kv0 * d, (kv0 + hkv) * d)}
         w = {}
         for name, (a, b) in spans.items():
             w[f"{name}_proj"] = reader.rows(f"{prefix}.{name}_proj.weight", a, b)
@@ -157,8 +116,8 @@ class Attention:
             w["k_norm"] = reader.tensor(f"{prefix}.k_norm.weight")
         return w
 
-    def forward(self, x: torch.Tensor, step: StepBatch, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor,
-                coords: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepBatch, cache: PagedKVCache, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] (after the TP all-reduce)."""
         cfg, w, d = self.cfg, self.w, self.cfg.head_dim
         t = x.shape[0]
@@ -171,32 +130,11 @@ class Attention:
         # 2. Rotary embedding at each token's absolute position.
         q = q * cos[:, None] + rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-        # 3. Write this step's keys/values into the cache.
-        seq, off = coords
-        rows = step.cache_rows[seq]
-        pos = step.past_lens[seq] + off
-        ck, cv = cache.k[self.layer], cache.v[self.layer]
-        ck[rows, :, pos] = k
-        cv[rows, :, pos] = v
-        # 4. Pad queries per sequence, folding each KV head's G = Hq / Hkv query heads into the
-        #    query axis: [B, Hkv, G * S_q, D] (query head h uses KV head h // G). Keys/values are
-        #    this step's cache rows as stored, [B, Hkv, S_kv, D], never widened to Hq heads; no
-        #    enable_gqa is needed, so SDPA's fused masked kernels apply (its GQA path with a mask
-        #    falls back to the math kernel, which widens KV and materialises the scores).
-        b, g = step.new_lens.numel(), self.heads // self.kv_heads
-        s_q, s_kv = step.max_new, step.max_kv  # host ints, computed once per step
-        qp = x.new_zeros((b, self.kv_heads, g, s_q, d))
-        qp[seq, :, :, off] = q.view(t, self.kv_heads, g, d)
-        keys = ck[step.cache_rows, :, :s_kv]
-        vals = cv[step.cache_rows, :, :s_kv]
-        # 5. Fused attention under the causal + ragged mask, repeated for the G folded heads.
-        mask = attention_mask(step.past_lens, step.new_lens, s_q, s_kv, cfg.sliding_window)  # [B, 1, S_q, S_kv]
-        mask = mask[:, :, None].expand(b, 1, g, s_q, s_kv).reshape(b, 1, g * s_q, s_kv)
-        out = F.scaled_dot_product_attention(qp.view(b, self.kv_heads, g * s_q, d), keys, vals, attn_mask=mask,
-                                             scale=self.scale)
-        # 6. Unpad, output projection (row-parallel), all-reduce over the TP group.
-        out = out.view(b, self.kv_heads, g, s_q, d)[seq, :, :, off].reshape(t, self.heads * d)
-        o = self.groups.tp_all_reduce(F.linear(out, w["o_proj"]))
+        # 3. Write this step's keys/values into their pool slots, then attend through the block tables.
+        cache.write(self.layer, step.attn.slots, k, v)
+        out = paged_attention(q, cache.k[self.layer], cache.v[self.layer], step.attn, self.scale)
+        # 4. Output projection (row-parallel), all-reduce over the TP group.
+        o = self.groups.tp_all_reduce(F.linear(out.reshape(t, self.heads * d), w["o_proj"]))
         if "o_bias" in w:
             o = o + w["o_bias"]
         return o
@@ -216,10 +154,10 @@ class DecoderLayer:
         part = self.moe.forward(h[start:stop], token_keys[start:stop])
         return self.groups.tp_all_gather_tokens(part, h.shape[0])
 
-    def forward(self, x: torch.Tensor, step: StepBatch, cache: KVCache, rope, coords) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepBatch, cache: PagedKVCache, rope) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps
         if x.shape[0]:
-            x = x + self.attention.forward(rms_norm(x, self.input_norm, eps), step, cache, *rope, coords)
+            x = x + self.attention.forward(rms_norm(x, self.input_norm, eps), step, cache, *rope)
         # The MoE layer is collective over the EP group: ranks with no tokens still take part.
         return x + self.mlp(rms_norm(x, self.post_norm, eps), step.token_keys)
 
@@ -237,18 +175,20 @@ class MoEModel:
         d = cfg.head_dim
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / d))
 
-    def new_cache(self, rows: int, capacity: int) -> KVCache:
-        kv_heads = self.cfg.num_kv_heads // self.parallel.tp_size
-        return KVCache(len(self.layers), rows, kv_heads, capacity, self.cfg.head_dim, self.dtype, self.device)
+    def kv_pool_shape(self, num_blocks: int, block_size: int) -> KVPoolShape:
+        """This rank's pool of ``num_blocks`` blocks (KV heads split or replicated by attention TP)."""
+        return KVPoolShape(len(self.layers), num_blocks, block_size,
+                           kv_heads_per_rank(self.cfg.num_kv_heads, self.parallel.tp_size), self.cfg.head_dim)
 
-    def forward(self, step: StepBatch, cache: KVCache) -> torch.Tensor:
+    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return PagedKVCache(self.kv_pool_shape(num_blocks, block_size), self.dtype, self.device)
+
+    def forward(self, step: StepBatch, cache: PagedKVCache) -> torch.Tensor:
         """COLLECTIVE. Packed tokens -> final hidden states [T, H] (after the last norm)."""
         x = F.embedding(step.tokens, self.embed)
-        coords = step.token_coords()
-        positions = step.past_lens[coords[0]] + coords[1]
-        rope = rope_cos_sin(positions, self.inv_freq, self.dtype)
+        rope = rope_cos_sin(step.attn.positions, self.inv_freq, self.dtype)
         for layer in self.layers:
-            x = layer.forward(x, step, cache, rope, coords)
+            x = layer.forward(x, step, cache, rope)
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -257,11 +197,7 @@ class MoEModel:
 
 
 def check_tp_shape(cfg: ModelConfig, tp: int) -> None:
-    if cfg.num_kv_heads % tp or cfg.num_attention_heads % tp:
-        raise ValueError(
-            f"attention TP ({tp}) must divide num_attention_heads ({cfg.num_attention_heads}) and "
-            f"num_key_value_heads ({cfg.num_kv_heads})"
-        )
+    check_attention_tp(cfg.num_attention_heads, cfg.num_kv_heads, tp)
 
 
 def load_local_experts(reader: CheckpointReader, cfg: ModelConfig, placement: Placement, moe_index: int, rank: int,

@@ -15,6 +15,31 @@
 4. Local experts: :func:`moeshard.kernels.fused_moe.fused_expert_ffn` over this
    rank's S slots, with -1 for pairs computed on other ranks.
 
+Host syncs (what a CUDA step waits for). Routing, replica choice, the
+per-expert and per-rank counters, row deduplication and compaction
+(comm.row_hits / comm.compact_rows) and the Triton alignment all stay on the
+device. The flat all-to-all reads its split sizes on the host ONCE per layer
+(comm._exchange_counts reads the sent and received row counts, and the live
+pair count the kernel buckets by, in one ``.tolist()``); the hierarchical one
+twice (its second stage depends on what the first delivered). The padded
+exchange (``FlatAllToAll.padded``) reads nothing. tests/test_engine/
+test_moe_host_syncs.py holds these budgets.
+
+CUDA-graph capture of a decode step. Capturable once shapes are bucketed:
+decode batches padded to T in {1, 2, 4, 8, 16, 32, 64, 128, 256, 512} tokens
+per rank (vLLM's capture sizes; one graph per bucket, every rank of the group
+stepping the same bucket), with ``FlatAllToAll.padded`` set: every rank sends
+its T rows to every rank with equal splits (W * T rows, slot -1 where a token
+has no pair there), so the all-to-all has fixed sizes and nothing is read on
+the host; the expert kernel then buckets by T * K (``num_live_pairs`` None)
+and its alignment buffers are sized from shapes. What breaks capture: the
+deduplicated exchange (host split sizes: its one sync per layer), the
+hierarchical exchange (two), a batch size outside the captured buckets, a
+placement change (new ReplicaTable / weight tensors: recapture after a
+reload), and ranks of one group stepping different buckets.
+Prefill and mixed steps stay eager with the deduplicated exchange, which
+moves fewer bytes.
+
 Shape legend: T tokens, E logical experts, K top-K, H hidden, I expert
 intermediate, S slots per rank, W world (EP) size, R rows received.
 """
@@ -126,14 +151,15 @@ class MoELayer:
     def forward(self, x: torch.Tensor, token_keys: torch.Tensor) -> torch.Tensor:
         """COLLECTIVE over the EP group (every rank calls it, T may be 0). x [T, H] -> [T, H]."""
         experts, slots, weights = self.route(x, token_keys)
-        self.counts += torch.bincount(experts.reshape(-1), minlength=self.counts.numel())
+        flat = experts.reshape(-1)
+        self.counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on CUDA (its max)
         s = self.slots_per_rank
         recv_x, recv_slot, recv_w, handle = self.comm.dispatch(x, slots // s, slots % s, weights.to(x.dtype))
-        # The kernel picks its launch bucket by the pairs it really computes; rows
-        # received for other slots are -1. Counting them costs a sync on CUDA, which
-        # the uneven all-to-all (host-side split sizes) has already paid. The CPU
-        # twin does not bucket.
-        live = int((recv_slot >= 0).sum()) if recv_x.is_cuda else None
+        # The kernel picks its launch bucket by the pairs it really computes (rows received
+        # for other slots are -1). Dispatch learned that count in its one count exchange;
+        # the padded (capturable) exchange does not know it, and the kernel then buckets by
+        # shape. The CPU twin does not bucket.
+        live = handle.live_pairs if recv_x.is_cuda else None
         y = fused_expert_ffn(recv_x, recv_slot, recv_w, self.w_gate_up, self.w_down, num_live_pairs=live)
         return self.comm.combine(y, handle)
 

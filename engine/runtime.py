@@ -4,16 +4,11 @@ Every public method marked COLLECTIVE must be called by all ranks of the
 group with the same arguments, in the same order (the serving layer
 broadcasts requests from rank 0 before calling them).
 
-A step (prefill or one decode token) runs like this on every rank:
-
-1. All ranks know every sequence's state (prompt, tokens so far, finished).
-   Attention-DP group d takes the active sequences with ``i % dp == d``.
-2. Each token gets a key = its index in the whole group's step batch (sequence
-   order, then position), so replica choice is the same for any EP/TP layout.
-3. The model runs: attention on the DP group's sequences (TP inside), MoE over
-   the whole EP group (every rank takes part, possibly with zero tokens).
-4. The next token of each sequence (greedy argmax) is shared with every rank
-   by an all-reduce(MAX) over the world, so all ranks keep the same state.
+A step is a :class:`~moeshard.engine.step_plan.StepPlan` run by
+:class:`~moeshard.engine.executor.StepExecutor` on a paged KV pool: the
+serving loop's pool (``init_kv_pool`` + ``execute``), or, for the
+request-level ``generate`` / ``forward_logits`` (verify, tests, the
+benchmark's baseline), a pool sized for that one batch.
 """
 
 from __future__ import annotations
@@ -29,9 +24,12 @@ import torch.distributed as dist
 from moeshard.engine.comm import LINK_CLASSES, make_all_to_all
 from moeshard.engine.config import ModelConfig, ParallelConfig
 from moeshard.engine.loading import CheckpointReader
-from moeshard.engine.model import MoEModel, StepBatch, build_model, load_local_experts
+from moeshard.engine.executor import StepExecutor, TokenKeys
+from moeshard.engine.kv_sizing import blocks_for_tokens, kv_blocks_for_bytes, kv_bytes_per_token_per_rank
+from moeshard.engine.model import MoEModel, build_model, load_local_experts
 from moeshard.engine.parallel import ProcessGroups, init_world
 from moeshard.engine.reload import PlacementMoveAborted, layer_transfers
+from moeshard.engine.step_plan import NewSequence, SampledToken, ScheduledChunk, StepPlan
 from moeshard.core.layout import fewest_redundant_slots, slots_per_gpu
 from moeshard.core.plan_file import PlanFile
 from moeshard.core.placement import (
@@ -84,24 +82,11 @@ def load_tokenizer(model_dir: str | Path):
         return None
 
 
-def stop_sets(batch: int, eos_token_id: int | None, stop_token_ids: list[set[int]] | None) -> list[frozenset[int]]:
-    """One stop set per prompt: ``stop_token_ids[i]`` plus ``eos_token_id`` when given."""
-    if stop_token_ids is None:
-        stop_token_ids = [set() for _ in range(batch)]
-    if len(stop_token_ids) != batch:
-        raise ValueError(f"stop_token_ids: one set per prompt is needed ({batch} prompts, {len(stop_token_ids)} sets)")
-    eos = frozenset() if eos_token_id is None else frozenset([int(eos_token_id)])
-    return [frozenset(int(t) for t in s) | eos for s in stop_token_ids]
-
-
 DEFAULT_MOVE_TIMEOUT_S = 120.0  # one stage of a placement move; past it the move is aborted
 
 
 def _layer_span(layers: list[int]) -> str:
     return f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0]) if layers else "(none)"
-
-
-KEY_MODULUS = 2**31  # token keys stay below 2^31 so the 32-bit replica hash never sees an overflowing product
 
 
 class EngineRuntime:
@@ -128,7 +113,8 @@ class EngineRuntime:
         # so all agree on it. It offsets the token keys that pick an expert's replica:
         # a key that restarted at 0 every step would send every single-token decode
         # step of an expert to the same replica and ignore the shares.
-        self._tokens_seen = 0
+        self._keys = TokenKeys()  # token-key offset shared by every executor of this runtime
+        self.executor: StepExecutor | None = None  # the serving pool's, after init_kv_pool
         # Test hook: called with the layers of a move after staging, before any transfer; raising aborts the move.
         self.transfer_fault = None
         self.tokenizer_or_none = load_tokenizer(model_dir)
@@ -152,40 +138,55 @@ class EngineRuntime:
         return cls(model_dir=env.model_path, parallel=parallel, placement=placement, dtype=dtype, comm_mode=comm_mode)
 
     # -- stepping ---------------------------------------------------------------
-    def _local(self, active: list[int]) -> list[int]:
-        """Indices (into ``active``) of the sequences this rank's attention-DP group runs.
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one cached token takes on this rank (moeshard.engine.kv_sizing)."""
+        cfg = self.config
+        return kv_bytes_per_token_per_rank(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                                           head_dim=cfg.head_dim, tp=self.parallel.tp_size,
+                                           dtype_bytes=self.model.dtype.itemsize)
 
-        Sequence i always belongs to DP group ``i % dp`` (its KV cache lives there).
+    def kv_blocks_fitting(self, memory_fraction: float, block_size: int) -> int:
+        """Blocks that fit in ``memory_fraction`` of this GPU's free memory (CUDA only)."""
+        if self.device.type != "cuda":
+            raise ValueError("a KV memory fraction needs a CUDA device; give the block count on CPU")
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return kv_blocks_for_bytes(int(free * memory_fraction), bytes_per_token=self.kv_bytes_per_token(),
+                                   block_size=block_size)
+
+    def init_kv_pool(self, num_blocks: int, block_size: int) -> StepExecutor:
+        """Allocate this rank's paged KV pool once; the executor that serves steps on it."""
+        self.executor = self._executor(num_blocks, block_size)
+        return self.executor
+
+    def _executor(self, num_blocks: int, block_size: int) -> StepExecutor:
+        return StepExecutor(self.model, self.model.new_cache(num_blocks, block_size), dp_rank=self.parallel.dp_rank,
+                            tp_rank=self.parallel.tp_rank, device=self.device, keys=self._keys)
+
+    def execute(self, plan: StepPlan) -> list[SampledToken]:
+        """COLLECTIVE. One engine step over ``plan`` on the serving pool (see moeshard.engine.executor)."""
+        if self.executor is None:
+            raise RuntimeError("init_kv_pool must be called before execute")
+        return self.executor.execute(plan)
+
+    def _whole_batch_plan(self, prompts: list[list[int]], block_size: int, room: list[int] | None = None) -> StepPlan:
+        """Prompts as one chunk each (sequence i in DP group i % dp), blocks for ``room[i]`` more tokens.
+
+        Blocks are laid out one sequence after another in each DP group's pool;
+        a prompt with no room (0) is left out.
         """
-        dp, d = self.parallel.dp_size, self.parallel.dp_rank
-        return [j for j, i in enumerate(active) if i % dp == d]
-
-    def _step(self, active: list[int], past: list[int], new_tokens: list[list[int]],
-              cache, cache_row: dict[int, int]) -> tuple[list[int], torch.Tensor]:
-        """Run one step for sequences ``active`` (global ids); returns (local positions, hidden [T_local, H])."""
-        mine = self._local(active)
-        offsets = np.concatenate([[0], np.cumsum([len(new_tokens[j]) for j in range(len(active))])])
-        dev = self.device
-        tokens = [tok for j in mine for tok in new_tokens[j]]
-        base = self._tokens_seen
-        keys = [base + k for j in mine for k in range(int(offsets[j]), int(offsets[j + 1]))]
-        self._tokens_seen = (base + int(offsets[-1])) % KEY_MODULUS
-        step = StepBatch(
-            cache_rows=torch.tensor([cache_row[active[j]] for j in mine], dtype=torch.int64, device=dev),
-            past_lens=torch.tensor([past[j] for j in mine], dtype=torch.int64, device=dev),
-            new_lens=torch.tensor([len(new_tokens[j]) for j in mine], dtype=torch.int64, device=dev),
-            tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
-            token_keys=torch.tensor(keys, dtype=torch.int64, device=dev),
-            max_new=max((len(new_tokens[j]) for j in mine), default=0),
-            max_kv=max((past[j] + len(new_tokens[j]) for j in mine), default=0),
-        )
-        return mine, self.model.forward(step, cache)
-
-    def _new_cache(self, prompts: list[list[int]], extra: int):
-        mine = self._local(list(range(len(prompts))))
-        cache_row = {i: row for row, i in enumerate(mine)}
-        capacity = max([len(prompts[i]) + extra for i in mine], default=1)
-        return self.model.new_cache(max(len(mine), 1), capacity), cache_row
+        dp = self.parallel.dp_size
+        room = room if room is not None else [1] * len(prompts)
+        new, chunks, next_block = [], [], [0] * dp
+        for i, p in enumerate(prompts):
+            if room[i] <= 0:
+                continue
+            blocks = blocks_for_tokens(len(p) + room[i], block_size)
+            group = i % dp
+            new.append(NewSequence(i, group, tuple(int(t) for t in p)))
+            chunks.append(ScheduledChunk(i, 0, len(p), tuple(range(next_block[group], next_block[group] + blocks)),
+                                         sample=True))
+            next_block[group] += blocks
+        return StepPlan("step", tuple(new), tuple(chunks))
 
     @staticmethod
     def _check_prompts(prompts: list[list[int]], vocab: int) -> None:
@@ -202,18 +203,18 @@ class EngineRuntime:
     def forward_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """COLLECTIVE. Logits of every prompt position: [B, S_max, V] float32 (padded positions are 0)."""
         self._check_prompts(prompts, self.config.vocab_size)
-        cache, cache_row = self._new_cache(prompts, 0)
-        active = list(range(len(prompts)))
-        mine, hidden = self._step(active, [0] * len(prompts), prompts, cache, cache_row)
+        size = 16
+        blocks = sum(blocks_for_tokens(len(p) + 1, size) for p in prompts)
+        executor = self._executor(max(blocks, 1), size)
+        plan = self._whole_batch_plan(prompts, size)
+        hidden, batch, mine = executor.forward(plan)
         s_max = max(len(p) for p in prompts)
         out = torch.zeros((len(prompts), s_max, self.config.vocab_size), dtype=torch.float32, device=self.device)
         if self.parallel.tp_rank == 0 and mine:
             logits = self.model.logits(hidden).float()
-            start = 0
-            for j in mine:
-                n = len(prompts[j])
-                out[j, :n] = logits[start:start + n]
-                start += n
+            for j, i in enumerate(mine):
+                start, stop = batch.attn.query_starts[j], batch.attn.query_starts[j + 1]
+                out[i, : stop - start] = logits[start:stop]
         dist.all_reduce(out)  # one contributor per sequence: a sum is a gather
         return out.cpu()
 
@@ -221,44 +222,36 @@ class EngineRuntime:
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
                  eos_token_id: int | None = None,
                  stop_token_ids: list[set[int]] | None = None) -> list[list[int]]:
-        """COLLECTIVE. Greedy decoding; returns the new tokens of each prompt (its stop token included when produced).
+        """COLLECTIVE. Greedy decoding of a whole batch (request-level); the new tokens of each prompt.
 
         Sequence i finishes after ``max_new_tokens[i]`` tokens or at the first
-        token in its stop set: ``stop_token_ids[i]`` (one set per prompt)
-        plus ``eos_token_id`` when given. A finished sequence leaves the step
-        batch at once; the others go on. Every rank must pass the same
-        arguments (the set of active sequences is replicated state).
+        token in its stop set (``stop_token_ids[i]`` plus ``eos_token_id``),
+        which is included. All prompts prefill in one step, then every step
+        decodes one token of each unfinished sequence, on a pool sized for
+        this batch. Every rank must pass the same arguments.
         """
         self._check_prompts(prompts, self.config.vocab_size)
         b = len(prompts)
         limits = [max_new_tokens] * b if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(limits) != b or any(n < 0 for n in limits):
             raise ValueError("max_new_tokens: one non-negative count per prompt (or a single int) is needed")
-        stops = stop_sets(b, eos_token_id, stop_token_ids)
+        if stop_token_ids is not None and len(stop_token_ids) != b:
+            raise ValueError(f"stop_token_ids: one set per prompt is needed ({b} prompts, {len(stop_token_ids)} sets)")
+        eos = set() if eos_token_id is None else {int(eos_token_id)}
+        stops = [eos | {int(t) for t in (stop_token_ids[i] if stop_token_ids else ())} for i in range(b)]
+        size = 16
+        blocks = sum(blocks_for_tokens(len(p) + n, size) for p, n in zip(prompts, limits))
+        executor = self._executor(max(blocks, 1), size)
+        plan = self._whole_batch_plan(prompts, size, limits)
         outputs: list[list[int]] = [[] for _ in range(b)]
-        if max(limits) == 0:
-            return outputs
-        cache, cache_row = self._new_cache(prompts, max(limits))
-        active = [i for i in range(b) if limits[i] > 0]
-        past = {i: 0 for i in range(b)}
-        new_tokens = {i: list(prompts[i]) for i in range(b)}
-        while active:
-            # Every rank keeps the same `active` list, so all take the same number of steps.
-            mine, hidden = self._step(active, [past[i] for i in active], [new_tokens[i] for i in active],
-                                      cache, cache_row)
-            picked = torch.full((len(active),), -1, dtype=torch.int64, device=self.device)
-            if self.parallel.tp_rank == 0 and mine:
-                last = torch.cumsum(torch.tensor([len(new_tokens[active[j]]) for j in mine], device=self.device), 0) - 1
-                picked[torch.tensor(mine, device=self.device)] = self.model.logits(hidden[last]).argmax(dim=-1)
-            dist.all_reduce(picked, op=dist.ReduceOp.MAX)
+        while plan.chunks:
             still = []
-            for i, tok in zip(active, picked.tolist()):  # one device-to-host copy per step
-                outputs[i].append(tok)
-                past[i] += len(new_tokens[i])
-                new_tokens[i] = [tok]
-                if len(outputs[i]) < limits[i] and tok not in stops[i]:
-                    still.append(i)
-            active = still
+            for token, chunk in zip(executor.execute(plan), plan.chunks):
+                i = chunk.seq_id
+                outputs[i].append(token.token)
+                if len(outputs[i]) < limits[i] and token.token not in stops[i]:
+                    still.append(ScheduledChunk(i, len(prompts[i]) + len(outputs[i]) - 1, 1, chunk.block_table, True))
+            plan = StepPlan("step", (), tuple(still))
         return outputs
 
     # -- counters ---------------------------------------------------------------

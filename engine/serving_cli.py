@@ -29,9 +29,9 @@ environment (set by the operator; see moeshard.core.engine_env):
   {PREFIX}PORT, {PREFIX}DEVICE, ... A rank's index is POD_INDEX x GPUS_PER_POD + local rank.
 
 API on rank 0 of the group:
-  POST /v1/completions   OpenAI-style; "prompt": token ids, a list of token-id lists, or text
-                         (when the checkpoint has a tokenizer); "max_tokens", "stop",
-                         "stop_token_ids", "ignore_eos". Decoding is greedy.
+  POST /v1/completions        OpenAI-compatible; "prompt": text (with a tokenizer), token ids or
+                              lists of them; stream, n, stop, logprobs, temperature, top_p, seed, ...
+  POST /v1/chat/completions   the checkpoint's chat template; stream, n, logprobs/top_logprobs, ...
   GET  /healthz /readyz /metrics /v1/models /v1/placement
 
 The placement file is re-read every --placement-poll seconds; a new valid
@@ -42,20 +42,32 @@ with one log line and moeshard_placement_rejected_total.
 _LAUNCH_EPILOG = """\
 example (4 CPU ranks, attention TP 2, a placement file you can edit while it serves):
   moeshard engine launch --nproc 4 --tp 2 --model ./tiny-qwen3-moe --port 8000 --placement placement.json
-  curl -s localhost:8000/v1/completions -d '{"prompt": [1, 2, 3], "max_tokens": 8}'
+  curl -s localhost:8000/v1/completions -d '{"prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0}'
+  curl -sN localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}], "stream": true}'
+  (chat and text prompts need a tokenizer in the checkpoint folder)
 
-Ctrl-C (or SIGTERM) lets rank 0 finish the queued requests and stop every rank.
+Ctrl-C (or SIGTERM) lets rank 0 finish the running requests and stop every rank.
 """
 
 
 def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) -> None:
     group = parser.add_argument_group("serving")
     group.add_argument("--host", default=host_default, help="address rank 0's HTTP server binds (default %(default)s)")
-    group.add_argument("--max-batch", type=int, default=32, metavar="N",
-                       help="most prompts in one engine step; requests that arrive together share a step (default %(default)s)")
+    group.add_argument("--max-num-seqs", "--max-batch", dest="max_num_seqs", type=int, default=256, metavar="N",
+                       help="most sequences running at once (default %(default)s)")
     group.add_argument("--max-num-batched-tokens", type=int, default=8192, metavar="TOKENS",
-                       help="most prompt tokens in one engine step; a request with more gets 400, requests that "
-                            "would overflow a step wait for the next (default %(default)s)")
+                       help="token budget of one engine step (decodes + prefill chunks); longer prompts are "
+                            "prefilled in chunks over several steps (default %(default)s)")
+    group.add_argument("--block-size", type=int, default=16, metavar="TOKENS",
+                       help="tokens per paged KV cache block (default %(default)s)")
+    group.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+                       help="KV blocks per rank (default: --kv-memory-fraction of free GPU memory; on CPU enough "
+                            "for --max-num-seqs full-length sequences, at most 4096)")
+    group.add_argument("--kv-memory-fraction", type=float, default=0.9, metavar="F",
+                       help="fraction of the free GPU memory after loading given to the KV pool (default %(default)s)")
+    group.add_argument("--request-level", action="store_true",
+                       help="the old request-level batching (a batch runs to its end before the next is admitted); "
+                            "for comparisons")
     group.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
                        help="longest prompt + max_tokens accepted (default: max_position_embeddings of config.json)")
     group.add_argument("--default-max-tokens", type=int, default=16, metavar="N",
@@ -67,8 +79,6 @@ def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) 
     group.add_argument("--idle-interval", type=float, default=0.5, metavar="SECONDS",
                        help="with no requests, rank 0 still starts a step this often, so an idle group "
                             "adopts a new placement (default %(default)s)")
-    group.add_argument("--batch-window", type=float, default=0.005, metavar="SECONDS",
-                       help="after the first request of a step, wait this long for others to join it (default %(default)s)")
     group.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                        help="a request waiting longer gets 504 (default %(default)s)")
     group.add_argument("--stall-timeout", type=float, default=300.0, metavar="SECONDS",
@@ -80,10 +90,11 @@ def _add_serving_options(parser: argparse.ArgumentParser, *, host_default: str) 
 
 def _serving_argv(args: argparse.Namespace) -> list[str]:
     """The serving options of ``args`` as command-line flags for child ranks."""
-    argv = ["--host", args.host, "--max-batch", str(args.max_batch),
-            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+    argv = ["--host", args.host, "--max-num-seqs", str(args.max_num_seqs),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--block-size", str(args.block_size),
+            "--kv-memory-fraction", str(args.kv_memory_fraction),
             "--default-max-tokens", str(args.default_max_tokens), "--placement-poll", str(args.placement_poll),
-            "--idle-interval", str(args.idle_interval), "--batch-window", str(args.batch_window),
+            "--idle-interval", str(args.idle_interval),
             "--request-timeout", str(args.request_timeout), "--stall-timeout", str(args.stall_timeout),
             "--log-level", args.log_level]
     if args.served_model_name:
@@ -92,6 +103,10 @@ def _serving_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--max-model-len", str(args.max_model_len)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    if args.num_kv_blocks is not None:
+        argv += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    if args.request_level:
+        argv += ["--request-level"]
     return argv
 
 
@@ -114,18 +129,21 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
 def _serve_options(args: argparse.Namespace):
     from .serving import ServeOptions
 
-    for name in ("max_batch", "max_num_batched_tokens", "max_model_len", "default_max_tokens"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "default_max_tokens", "block_size",
+                 "num_kv_blocks"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("placement_poll", "idle_interval", "request_timeout", "stall_timeout"):
         if getattr(args, name) <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be > 0")
-    if args.batch_window < 0:
-        raise CommandError("--batch-window must be >= 0")
+    if not 0 < args.kv_memory_fraction <= 1:
+        raise CommandError("--kv-memory-fraction must be in (0, 1]")
     return ServeOptions(
-        host=args.host, port=args.port, max_batch_prompts=args.max_batch,
+        host=args.host, port=args.port, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        default_max_tokens=args.default_max_tokens, idle_interval=args.idle_interval, batch_window=args.batch_window,
+        default_max_tokens=args.default_max_tokens, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_memory_fraction=args.kv_memory_fraction, request_level=args.request_level,
+        idle_interval=args.idle_interval,
         placement_poll=args.placement_poll, request_timeout=args.request_timeout, stall_timeout=args.stall_timeout,
         model_name=args.served_model_name, threads=args.threads,
     )

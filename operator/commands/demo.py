@@ -108,7 +108,7 @@ def _traffic(base: str, requests: int) -> list[list[int]]:
     outputs = []
     for i in range(requests):
         prompt = hot[i % len(hot)] if i % 4 else [int(t) for t in rng.integers(1, 120, size=6)]
-        reply = _post(f"{base}/v1/completions", {"prompt": prompt, "max_tokens": 8})
+        reply = _post(f"{base}/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
         outputs.append(reply["choices"][0].get("token_ids") or reply["choices"][0]["text"])
     return outputs
 

@@ -113,3 +113,35 @@ def generate_task(runtime, prompts: list[list[int]], max_new_tokens, eos_token_i
 def counts_after(runtime, prompts: list[list[int]]) -> np.ndarray:
     runtime.forward_logits(prompts)
     return runtime.expert_token_counts()
+
+
+def scheduled_generate_task(runtime, prompts: list[list[int]], max_tokens: int, join_at: list[int],
+                            num_blocks: int, block_size: int, budget: int) -> dict[str, Any]:
+    """Greedy continuations through the iteration-level scheduler and the paged pool.
+
+    Every rank runs the same scheduler (deterministic), so no broadcast is
+    needed: prompt i joins before step ``join_at[i]``; ``budget`` tokens per
+    step (chunked prefill), ``num_blocks`` blocks per DP group (preemption
+    when small). Returns the outputs by prompt and the scheduler's counters.
+    """
+    from moeshard.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+
+    scheduler = Scheduler(SchedulerConfig(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
+                                          dp_size=runtime.parallel.dp_size))
+    runtime.init_kv_pool(num_blocks, block_size)
+    seqs: dict[int, Any] = {}
+    step = steps_with_chunks = 0
+    while len(seqs) < len(prompts) or scheduler.has_work:
+        for i, at in enumerate(join_at):
+            if at == step:
+                seqs[i] = scheduler.add(Sequence(tuple(prompts[i]), max_tokens))
+        plan = scheduler.schedule()
+        if plan.kind == "step":
+            steps_with_chunks += any(c.num_tokens > 1 and not c.sample for c in plan.chunks)
+            scheduler.on_step(runtime.execute(plan))
+        step += 1
+        if step > 10_000:
+            raise RuntimeError("scheduler made no progress")
+    return {"outputs": [seqs[i].outputs for i in range(len(prompts))], "preemptions": scheduler.preemptions,
+            "partial_prefill_steps": steps_with_chunks, "steps": step,
+            "registry_left": len(runtime.executor.sequences)}

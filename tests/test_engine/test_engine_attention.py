@@ -1,108 +1,100 @@
-"""Attention of one rank: fused SDPA on the un-widened KV cache under the ragged causal mask.
+"""Attention over the paged KV cache: the torch path (the oracle) and the flex_attention path.
 
-Checked against a per-sequence reference that widens the KV heads and runs an
-explicit softmax, for a step that mixes a prefill, a decode and a chunk after
-a cached prefix (past_lens / new_lens differ per sequence), with and without
-a sliding window.
+A step mixes a prefill, a decode and a chunk after a cached prefix, whose
+blocks are scattered over the pool in no particular order. Both paths are
+checked against a per-sequence reference that widens the KV heads and runs an
+explicit softmax, with and without a sliding window; the flex path runs
+eagerly on CPU here (compiled on CUDA).
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from moeshard.engine.kv_cache import BlockPool, KVPoolShape, PagedKVCache
+from moeshard.engine.paged_attention import (
+    PagedMetadata,
+    causal_mask,
+    paged_attention_flex,
+    paged_attention_torch,
+)
 
-from moeshard.engine import model as model_mod
-from moeshard.engine.config import ModelConfig
-from moeshard.engine.model import Attention, KVCache, StepBatch, attention_mask, rope_cos_sin
-
-HQ, HKV, D, H = 4, 2, 8, 16
-
-
-def _cfg(sliding_window: int | None) -> ModelConfig:
-    return ModelConfig(
-        model_type="qwen3_moe", vocab_size=32, hidden_size=H, num_layers=1, num_attention_heads=HQ,
-        num_kv_heads=HKV, head_dim=D, rms_norm_eps=1e-6, rope_theta=10000.0, num_experts=4, top_k=2,
-        expert_intermediate_size=8, norm_topk_prob=True, moe_layer_ids=(0,), dense_intermediate_size=8,
-        qk_norm=False, attention_bias=False, sliding_window=sliding_window, tie_word_embeddings=False,
-    )
+HQ, HKV, D, N = 4, 2, 8, 4
+# (cached tokens before the step, tokens in the step): a chunk after a prefix, a decode, a fresh prefill.
+SEQUENCES = [(5, 3), (9, 1), (0, 6)]
 
 
-def _attention(cfg: ModelConfig) -> Attention:
+def _step(window: int | None):
     g = torch.Generator().manual_seed(0)
-    w = {f"{n}_proj": torch.randn(rows, H, generator=g) * 0.3
-         for n, rows in (("q", HQ * D), ("k", HKV * D), ("v", HKV * D))}
-    w["o_proj"] = torch.randn(H, HQ * D, generator=g) * 0.3
-    groups = SimpleNamespace(parallel=SimpleNamespace(tp_size=1), tp_all_reduce=lambda x: x)
-    return Attention(cfg, w, groups, layer=0)
+    cache = PagedKVCache(KVPoolShape(1, 16, N, HKV, D), torch.float32, torch.device("cpu"))
+    order = torch.randperm(16, generator=g).tolist()  # scattered block ids
+    tables, slots, positions, starts, kv_lens = [], [], [], [0], []
+    for past, new in SEQUENCES:
+        total = past + new
+        table = [order.pop() for _ in range(-(-total // N))]
+        tables.append(table)
+        # the cached prefix is already in the pool
+        for p in range(past):
+            cache.k[0][table[p // N], p % N] = torch.randn(HKV, D, generator=g)
+            cache.v[0][table[p // N], p % N] = torch.randn(HKV, D, generator=g)
+        slots += [table[p // N] * N + p % N for p in range(past, total)]
+        positions += range(past, total)
+        starts.append(starts[-1] + new)
+        kv_lens.append(total)
+    t = starts[-1]
+    k_new, v_new = torch.randn(t, HKV, D, generator=g), torch.randn(t, HKV, D, generator=g)
+    meta = PagedMetadata(starts, kv_lens, tables, torch.tensor(slots), torch.tensor(positions), N, window)
+    cache.write(0, meta.slots, k_new, v_new)
+    return cache, meta, torch.randn(t, HQ, D, generator=g)
 
 
-def _reference(att: Attention, x, step: StepBatch, cache: KVCache, cos, sin, window) -> torch.Tensor:
-    """Per sequence: widened KV heads, explicit float32 softmax over its valid causal keys."""
-    w, out, start = att.w, [], 0
-    for b in range(step.new_lens.numel()):
-        n, past, row = int(step.new_lens[b]), int(step.past_lens[b]), int(step.cache_rows[b])
-        xs = x[start:start + n]
-        c, s = cos[start:start + n, None], sin[start:start + n, None]
-        q = F.linear(xs, w["q_proj"]).view(n, HQ, D)
-        q = q * c + model_mod.rotate_half(q) * s
-        keys = cache.k[0][row, :, :past + n].repeat_interleave(HQ // HKV, dim=0)  # [Hq, S, D]
-        vals = cache.v[0][row, :, :past + n].repeat_interleave(HQ // HKV, dim=0)
-        scores = torch.einsum("thd,hsd->hts", q, keys) * D ** -0.5
-        qpos = past + torch.arange(n)[:, None]
-        kpos = torch.arange(past + n)[None, :]
-        ok = kpos <= qpos
-        if window is not None:
-            ok &= kpos > qpos - window
+def _reference(cache: PagedKVCache, meta: PagedMetadata, q: torch.Tensor) -> torch.Tensor:
+    out = []
+    for b, table in enumerate(meta.block_tables):
+        start, stop, kv = meta.query_starts[b], meta.query_starts[b + 1], meta.kv_lens[b]
+        keys = torch.stack([cache.k[0][table[p // N], p % N] for p in range(kv)], 1)  # [Hkv, S, D]
+        vals = torch.stack([cache.v[0][table[p // N], p % N] for p in range(kv)], 1)
+        keys, vals = keys.repeat_interleave(HQ // HKV, 0), vals.repeat_interleave(HQ // HKV, 0)
+        scores = torch.einsum("thd,hsd->hts", q[start:stop], keys) * D ** -0.5
+        ok = causal_mask(kv - (stop - start), stop - start, kv, meta.sliding_window, q.device)
         probs = scores.masked_fill(~ok, float("-inf")).softmax(-1)
-        out.append(torch.einsum("hts,hsd->thd", probs, vals).reshape(n, HQ * D))
-        start += n
-    return F.linear(torch.cat(out), w["o_proj"])
+        out.append(torch.einsum("hts,hsd->thd", probs, vals))
+    return torch.cat(out)
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_fused_attention_matches_reference_on_ragged_step(monkeypatch, window):
-    cfg = _cfg(window)
-    att = _attention(cfg)
-    # Rows 2, 0, 3 of a 4-row cache: a 5-token prefill, a decode after 6 tokens, 3 tokens after 4.
-    step = StepBatch(cache_rows=torch.tensor([2, 0, 3]), past_lens=torch.tensor([0, 6, 4]),
-                     new_lens=torch.tensor([5, 1, 3]), tokens=torch.zeros(9, dtype=torch.int64),
-                     token_keys=torch.arange(9))
-    cache = KVCache(1, 4, HKV, 12, D, torch.float32, torch.device("cpu"))
-    g = torch.Generator().manual_seed(1)
-    for b in range(3):  # the cached prefix of each sequence
-        row, past = int(step.cache_rows[b]), int(step.past_lens[b])
-        cache.k[0][row, :, :past] = torch.randn(HKV, past, D, generator=g)
-        cache.v[0][row, :, :past] = torch.randn(HKV, past, D, generator=g)
-    x = torch.randn(9, H, generator=g)
-    coords = step.token_coords()
-    cos, sin = rope_cos_sin(step.past_lens[coords[0]] + coords[1], 1.0 / 10000 ** (torch.arange(0, D, 2) / D),
-                            torch.float32)
-
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def spy(q, k, v, **kwargs):
-        calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
-        return real(q, k, v, **kwargs)
-
-    monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", spy)
-    got = att.forward(x, step, cache, cos, sin, coords)
-    # One fused call per layer on the KV heads as cached (no repeat to Hq, keys [B, Hkv, S_kv, D]),
-    # the G = Hq / Hkv query heads of each KV head folded into the query axis: [B, Hkv, G * S_q, D].
-    assert calls == [((3, HKV, 2 * 5, D), (3, HKV, 7, D), (3, HKV, 7, D))]
-    want = _reference(att, x, step, cache, cos, sin, window)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+def test_torch_path_matches_reference_through_scattered_blocks(window):
+    cache, meta, q = _step(window)
+    got = paged_attention_torch(q, cache.k[0], cache.v[0], meta, D ** -0.5)
+    torch.testing.assert_close(got, _reference(cache, meta, q), rtol=1e-5, atol=1e-5)
 
 
-def test_attention_mask_causal_ragged_and_padded():
-    # Sequence 0: 2 new tokens after 1 cached; sequence 1: 1 new token (decode) after 2 cached.
-    mask = attention_mask(torch.tensor([1, 2]), torch.tensor([2, 1]), s_q=2, s_kv=3, sliding_window=None)
-    assert mask.shape == (2, 1, 2, 3)
-    assert mask[0, 0].tolist() == [[True, True, False], [True, True, True]]
-    # The padded query of sequence 1 sees key 0 only (never an empty softmax row).
-    assert mask[1, 0].tolist() == [[True, True, True], [True, False, False]]
-    windowed = attention_mask(torch.tensor([1, 2]), torch.tensor([2, 1]), s_q=2, s_kv=3, sliding_window=2)
-    assert windowed[0, 0].tolist() == [[True, True, False], [False, True, True]]
+@pytest.mark.parametrize("window", [None, 3])
+def test_flex_path_reads_the_pool_in_place_and_matches(window):
+    cache, meta, q = _step(window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs unfused on CPU
+        got = paged_attention_flex(q, cache.k[0], cache.v[0], meta, D ** -0.5)
+    torch.testing.assert_close(got, paged_attention_torch(q, cache.k[0], cache.v[0], meta, D ** -0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_causal_mask_with_window():
+    assert causal_mask(1, 2, 3, None, torch.device("cpu")).tolist() == [[True, True, False], [True, True, True]]
+    assert causal_mask(1, 2, 3, 2, torch.device("cpu")).tolist() == [[True, True, False], [False, True, True]]
+
+
+def test_block_pool_grows_releases_and_refuses_without_change():
+    pool = BlockPool(4, block_size=N)
+    table: list[int] = []
+    assert pool.grow(table, 5) and table == [0, 1] and pool.free == 2
+    assert pool.grow(table, 8) and table == [0, 1]  # still fits in two blocks
+    other: list[int] = []
+    assert pool.grow(other, 1) and other == [2] and pool.free == 1
+    assert not pool.grow(table, 13) and table == [0, 1]  # needs 2 more blocks, 1 is free: unchanged
+    pool.release(other)
+    assert pool.grow(table, 16) and len(table) == 4 and pool.free == 0
+    pool.release(table)
+    assert pool.free == 4 and table == []

@@ -158,9 +158,10 @@ def test_serve_on_a_pod_with_several_gpus_starts_its_local_ranks(monkeypatch):
     for name, value in {"MOESHARD_EXPERT_EP": "4", "MOESHARD_PODS_PER_GROUP": "2", "MOESHARD_GPUS_PER_POD": "2",
                         "MOESHARD_POD_INDEX": "1", "MOESHARD_DEVICE": "cpu"}.items():
         monkeypatch.setenv(name, value)
-    assert run_serve(parse(configure_serve, ["--max-batch", "7"])) == 0
+    assert run_serve(parse(configure_serve, ["--max-num-seqs", "7", "--num-kv-blocks", "9"])) == 0
     assert [c[c.index("--local-rank") + 1] for c in started["commands"]] == ["0", "1"]
-    assert all("--max-batch" in c and c[c.index("--max-batch") + 1] == "7" for c in started["commands"])
+    for flag, value in (("--max-num-seqs", "7"), ("--num-kv-blocks", "9")):
+        assert all(c[c.index(flag) + 1] == value for c in started["commands"])
     assert EngineEnvironment.from_environ(started["environ"]).pod_index == 1
 
 
@@ -175,3 +176,18 @@ def test_serve_reports_a_taken_port_in_one_line(monkeypatch):
         monkeypatch.setattr("moeshard.engine.serving_cli._install_stop_signals", lambda *a, **k: None)  # keep pytest's
         with pytest.raises(CommandError, match=f"cannot serve HTTP on 127.0.0.1:{port}"):
             run_serve(parse(configure_serve, ["--host", "127.0.0.1", "--port", str(port), "--local-rank", "0"]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-kv-blocks", "0"], "--num-kv-blocks must be >= 1"),
+    (["--kv-memory-fraction", "1.5"], "--kv-memory-fraction must be in (0, 1]"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
+])
+def test_bad_serving_flags_exit_2_with_one_line_before_any_rank_starts(tmp_path, capsys, monkeypatch, flags, message):
+    from moeshard.engine import serving_cli
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr("moeshard.engine.launch.GroupSupervisor", None)  # starting a rank would fail loudly
+    assert serving_cli.main(["launch", "--nproc", "2", "--model", str(tmp_path), "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err

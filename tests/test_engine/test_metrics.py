@@ -83,3 +83,25 @@ def test_scope_from_the_engine_environment():
     env = EngineEnvironment.from_environ({"MOESHARD_DEPLOYMENT": "d", "MOESHARD_NAMESPACE": "n",
                                           "MOESHARD_REPLICA_INDEX": "5"})
     assert MetricScope.from_env(env).values() == ("d", "n", "5")
+
+
+def test_serving_metrics_are_exposed_with_exact_values():
+    from moeshard.engine import metrics as m
+
+    metrics = EngineMetrics(SCOPE, num_layers=1, num_experts=2, world_size=1)
+    metrics.observe_time_to_first_token(0.2)
+    metrics.observe_inter_token_latency(0.03)
+    metrics.observe_inter_token_latency(0.04)
+    metrics.observe_queue_time(0.01)
+    metrics.set_scheduler_state(running=3, waiting=2, blocks_used=5, blocks_free=11)
+    metrics.add_prompt_tokens(40)
+    metrics.add_generation_tokens(7)
+    metrics.add_preemptions(1)
+    values = {(s.name, s.labels.get("state")): s.value for s in samples(metrics)}
+    assert values[(m.METRIC_TTFT + "_count", None)] == 1 and values[(m.METRIC_TTFT + "_sum", None)] == 0.2
+    assert values[(m.METRIC_ITL + "_count", None)] == 2 and values[(m.METRIC_QUEUE_TIME + "_count", None)] == 1
+    assert values[(m.METRIC_RUNNING, None)] == 3 and values[(m.METRIC_WAITING, None)] == 2
+    assert values[(m.METRIC_KV_BLOCKS, "used")] == 5 and values[(m.METRIC_KV_BLOCKS, "free")] == 11
+    assert values[(m.METRIC_PROMPT_TOKENS, None)] == 40
+    assert values[(m.METRIC_GENERATION_TOKENS, None)] == 7
+    assert values[(m.METRIC_PREEMPTIONS, None)] == 1

@@ -1,6 +1,6 @@
 """Placement agreement across real processes (gloo): ranks adopt a version together, or not at all.
 
-Two ranks run the serving StepLoop's step boundary over TorchChannel with a
+Two ranks run the serving StepLoop's step boundary (at_step_boundary) over TorchChannel with a
 minimal runtime; each watches its own copy of the placement file, so the test
 controls what each rank sees and when (a kubelet that syncs one pod late, or
 two pods that see different contents under the same version number).
@@ -21,7 +21,9 @@ WORKER = textwrap.dedent(
     import numpy as np
     import torch.distributed as dist
     from moeshard.engine.reload import PlacementWatcher
-    from moeshard.engine.serving import RequestQueue, ServingLimits, StepCommand, StepLoop, TorchChannel
+    from moeshard.engine.scheduler import Scheduler, SchedulerConfig
+    from moeshard.engine.step_loop import Intake, StepLoop
+    from moeshard.engine.step_plan import StepPlan, TorchChannel
     from moeshard.core.placement import initial_placement, placement_from_arrays
 
     rank, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -41,8 +43,8 @@ WORKER = textwrap.dedent(
             self.applied.append([self.step, p.version])
             self.placement, self.placement_version = p, p.version
             return True
-        def generate(self, prompts, max_new_tokens, eos_token_id=None, stop_token_ids=None):
-            return [[] for _ in prompts]
+        def execute(self, plan):
+            return []
         def expert_token_counts(self):
             return np.zeros((2, 4), dtype=np.int64)
         def rank_token_counts(self):
@@ -55,8 +57,9 @@ WORKER = textwrap.dedent(
     path = f"{folder}/rank{rank}.json"
     watcher = PlacementWatcher(path, runtime.placement, poll_interval=0.0)
     channel = TorchChannel()
-    loop = StepLoop(runtime, channel, limits=ServingLimits(vocab_size=8), watcher=watcher,
-                    queue=RequestQueue() if rank == 0 else None)
+    lead = rank == 0
+    loop = StepLoop(runtime, channel, watcher=watcher, scheduler=Scheduler(SchedulerConfig(num_blocks=4)) if lead else None,
+                    intake=Intake() if lead else None)
     # What each rank's file says before step s (None: unchanged).
     script = {
         0: {0: version(1, 1)},                  # rank 0 sees v1 at once
@@ -67,8 +70,8 @@ WORKER = textwrap.dedent(
         if step in script:
             with open(path, "w") as handle:
                 handle.write(script[step].to_json())
-        command = channel.broadcast_command(StepCommand("idle") if rank == 0 else None)
-        loop.step(command)
+        channel.broadcast_plan(StepPlan("idle") if lead else None)
+        loop.at_step_boundary()
     print(json.dumps(runtime.applied))
     dist.destroy_process_group()
     """

@@ -110,7 +110,8 @@ def metric(samples, name: str, **labels) -> float:
 
 
 def complete(url: str, prompts, **extra):
-    return http(url + "/v1/completions", {"prompt": prompts, "max_tokens": NEW_TOKENS, "ignore_eos": True, **extra})
+    body = {"prompt": prompts, "max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0}
+    return http(url + "/v1/completions", {**body, **extra})
 
 
 def moved_placement(version: int):
