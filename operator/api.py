@@ -24,6 +24,7 @@ from .architectures import ARCHITECTURES, PRESETS, ModelArchitecture, get_preset
 # Architectures the engine (moeshard.engine) serves. The planner knows more (ARCHITECTURES).
 ENGINE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 from .engine_env import RENDEZVOUS_PORT
+from .images import ENGINE_IMAGE
 from .hardware import PROFILES, HardwareProfile, get_profile, GB, TB, US
 
 GROUP = "moeshard.io"
@@ -307,7 +308,7 @@ class RestartBudget(_Section):
 class EngineSpec(_Section):
     """The engine pods."""
 
-    image: str = Field("ghcr.io/moeshard/engine:0.1.0", description="Engine container image.")
+    image: str = Field(ENGINE_IMAGE, description="Engine container image (default: the engine image of this release).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Image pull policy."
     )
