@@ -50,39 +50,46 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* The rules of the operator's role: MoEDeployments, the children it writes, kopf's needs. */}}
+{{/* The rules of the operator's role: exactly the calls it makes (tests/test_operator/test_zz_rbac_matches_calls.py
+compares them with the API calls the operator tests record). The operator reads children by LIST with a label
+selector and writes them with create / merge-patch / delete; it never watches them and never PUTs. */}}
 {{- define "moeshard.rules" -}}
 - apiGroups: [moeshard.io]
   resources: [moedeployments]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch]
 - apiGroups: [moeshard.io]
   resources: [moedeployments/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
+# Children carry ownerReferences with blockOwnerDeletion: the API server's OwnerReferencesPermissionEnforcement
+# admission asks for update on the owner's finalizers subresource (no request is made there).
+- apiGroups: [moeshard.io]
+  resources: [moedeployments/finalizers]
+  verbs: [update]
 - apiGroups: [""]
-  resources: [configmaps, services]
-  verbs: [get, list, watch, create, patch, update, delete]
+  resources: [configmaps]
+  verbs: [get, list, create, patch, delete]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [list, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, delete]
+  verbs: [list, delete]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 - apiGroups: [apps]
   resources: [statefulsets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, create, patch, delete]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, create, patch, delete]
 - apiGroups: [leaderworkerset.x-k8s.io]
   resources: [leaderworkersets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, create, patch, delete]
 - apiGroups: [resource.nvidia.com]
   resources: [computedomains]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, create, patch, delete]
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
-  verbs: [get, list, watch, patch]
+  verbs: [list, watch, patch]
 {{- end -}}
