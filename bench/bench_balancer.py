@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eplb_baseline import eplb_placement  # noqa: E402
 
 from moeshard.operator.balancer import BalancerOptions, max_mean, rebalance_placement  # noqa: E402
-from moeshard.operator.placement import Placement  # noqa: E402
+from moeshard.core.placement import Placement  # noqa: E402
 
 GPUS_PER_DOMAIN = 8  # Hopper HGX node
 EPLB_GROUPS = 8  # expert groups for hierarchical EPLB (DeepSeek-V3 uses 8)

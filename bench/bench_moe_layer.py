@@ -41,7 +41,7 @@ from moeshard.engine.comm import dedup_rows, make_all_to_all  # noqa: E402
 from moeshard.engine.config import ParallelConfig  # noqa: E402
 from moeshard.engine.moe import MoELayer, ReplicaTable, route_topk  # noqa: E402
 from moeshard.engine.verify import free_port  # noqa: E402
-from moeshard.operator.placement import initial_placement  # noqa: E402
+from moeshard.core.placement import initial_placement  # noqa: E402
 
 
 @dataclass(frozen=True)

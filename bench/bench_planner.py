@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import alternate, standard_parser, write_result  # noqa: E402
 
-from moeshard.operator.architectures import PRESETS  # noqa: E402
-from moeshard.operator.hardware import PROFILES  # noqa: E402
+from moeshard.core.architectures import PRESETS  # noqa: E402
+from moeshard.core.hardware import PROFILES  # noqa: E402
 from moeshard.operator.planner import plan_parallelism  # noqa: E402
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moeshard.operator.placement import Placement, placement_from_arrays
+from moeshard.core.placement import Placement, placement_from_arrays
 
 
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:

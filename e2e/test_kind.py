@@ -35,7 +35,7 @@ from kubernetes.client.rest import ApiException  # noqa: E402
 
 from moeshard.operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 from moeshard.operator.crd import build_crd  # noqa: E402
-from moeshard.operator.placement import PLACEMENT_KEY, parse_placement  # noqa: E402
+from moeshard.core.placement import PLACEMENT_KEY, parse_placement  # noqa: E402
 
 
 def _wait(predicate, timeout=90.0, what="condition"):
@@ -72,7 +72,7 @@ def cluster():
         if exc.status != 409:
             raise
     operator = subprocess.Popen(
-        [sys.executable, "-m", "moeshard.operator.cli", "operator", "-n", NAMESPACE, "--standalone", "--liveness", ""],
+        [sys.executable, "-m", "moeshard.cli.main", "operator", "-n", NAMESPACE, "--standalone", "--liveness", ""],
         cwd=ROOT,
     )
     yield client.CustomObjectsApi()

@@ -123,6 +123,6 @@ def run(args: argparse.Namespace) -> int:
         return int(args._engine_run(args) or 0)
     except ValueError as exc:
         # Bad figures (--ep/--tp, config.json) are user errors: one line, exit 2.
-        from moeshard.operator.cli import CommandError
+        from moeshard.core.errors import CommandError
 
         raise CommandError(str(exc)) from None

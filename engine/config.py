@@ -5,7 +5,7 @@ One object per concern, built once at start-up and passed down:
 * ``ModelConfig``: architecture figures read from a Hugging Face ``config.json``
   (Qwen3-MoE and Mixtral).
 * ``ParallelConfig``: where this rank sits in its expert-parallel group, built
-  from the engine environment contract (moeshard.operator.engine_env).
+  from the engine environment contract (moeshard.core.engine_env).
 
 Shape legend used across moeshard.engine: T tokens, E logical experts, K top-K,
 H hidden, I expert intermediate, S slots per rank, W world (= EP) size,
@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeshard.core.errors import UserError
+from moeshard.core.hf_config import ConfigError, read_hf_config
+
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "mixtral")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """config.json is missing a field or describes something the engine cannot run."""
 
 
@@ -62,65 +65,33 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        """Read a parsed config.json; ModelConfigError names the field that is missing or unsupported."""
-
-        def need(*names: str) -> Any:
-            for name in names:
-                if raw.get(name) is not None:
-                    return raw[name]
-            raise ModelConfigError(f"config.json: {names[0]} is missing")
-
-        model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelConfigError(f"config.json: model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
-        act = raw.get("hidden_act", "silu")
-        if act != "silu":
-            raise ModelConfigError(f"config.json: hidden_act {act!r} is not supported (only silu)")
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ModelConfigError(f"config.json: rope_parameters.rope_type {rope_type!r} is not supported (only default)")
-        rope_theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
-
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        layers = int(need("num_hidden_layers"))
-        head_dim = int(raw.get("head_dim") or hidden // heads)
-        experts = int(need("num_experts", "num_local_experts"))
-        if model_type == "qwen3_moe":
-            step = int(raw.get("decoder_sparse_step", 1))
-            mlp_only = set(raw.get("mlp_only_layers") or [])
-            moe_ids = tuple(i for i in range(layers) if i not in mlp_only and experts > 0 and (i + 1) % step == 0)
-            expert_inter = int(need("moe_intermediate_size"))
-            dense_inter = int(raw.get("intermediate_size") or 0)
-            norm_topk = bool(raw.get("norm_topk_prob", False))
-            qk_norm = True
-        else:
-            moe_ids = tuple(range(layers))
-            expert_inter = int(need("intermediate_size"))
-            dense_inter = 0
-            norm_topk = True  # Mixtral: softmax over the top-K logits
-            qk_norm = False
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        cfg = cls(
-            model_type=model_type, vocab_size=int(need("vocab_size")), hidden_size=hidden, num_layers=layers,
-            num_attention_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=head_dim,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, num_experts=experts,
-            top_k=int(need("num_experts_per_tok")), expert_intermediate_size=expert_inter, norm_topk_prob=norm_topk,
-            moe_layer_ids=moe_ids, dense_intermediate_size=dense_inter, qk_norm=qk_norm,
-            attention_bias=bool(raw.get("attention_bias", False)),
-            sliding_window=(int(raw["sliding_window"]) if raw.get("sliding_window") and raw.get("use_sliding_window", True)
-                            else None),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), eos_token_id=eos_ids,
+        """Read a parsed config.json (moeshard.core.hf_config, the reader the planner uses too) and refuse
+        what this engine cannot run; ModelConfigError names the field."""
+        try:
+            hf = read_hf_config(raw)
+        except ConfigError as exc:
+            raise ModelConfigError(f"config.json: {exc}") from None
+        if hf.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(f"config.json: model_type {hf.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
+        if hf.hidden_act != "silu":
+            raise ModelConfigError(f"config.json: hidden_act {hf.hidden_act!r} is not supported (only silu)")
+        if hf.rope_type != "default":
+            raise ModelConfigError(f"config.json: rope_parameters.rope_type {hf.rope_type!r} is not supported (only default)")
+        if hf.quantization is not None:
+            # Loading quantized weights as if they were bf16 gives garbage logits: refuse until supported.
+            raise ModelConfigError(
+                f"config.json: quantization_config (quant_method {hf.quantization!r}) is not supported yet; "
+                "serve a bf16/fp16/fp32 checkpoint"
+            )
+        return cls(
+            model_type=hf.model_type, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_layers,
+            num_attention_heads=hf.num_attention_heads, num_kv_heads=hf.num_kv_heads, head_dim=hf.head_dim,
+            rms_norm_eps=hf.rms_norm_eps, rope_theta=hf.rope_theta, num_experts=hf.num_experts, top_k=hf.top_k,
+            expert_intermediate_size=hf.expert_intermediate_size, norm_topk_prob=hf.norm_topk_prob,
+            moe_layer_ids=hf.moe_layer_ids, dense_intermediate_size=hf.dense_intermediate_size,
+            qk_norm=hf.model_type == "qwen3_moe", attention_bias=hf.attention_bias, sliding_window=hf.sliding_window,
+            tie_word_embeddings=hf.tie_word_embeddings, eos_token_id=hf.eos_token_ids,
         )
-        if cfg.num_attention_heads % cfg.num_kv_heads:
-            raise ModelConfigError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
-        if not 1 <= cfg.top_k <= cfg.num_experts:
-            raise ModelConfigError(f"config.json: num_experts_per_tok {cfg.top_k} must be in 1..{cfg.num_experts}")
-        if not moe_ids:
-            raise ModelConfigError("config.json: the model has no MoE layer")
-        return cfg
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
@@ -200,7 +171,7 @@ class ParallelConfig:
 
     @classmethod
     def from_env(cls, env: Any, local_rank: int = 0) -> "ParallelConfig":
-        """From a moeshard.operator.engine_env.EngineEnvironment."""
+        """From a moeshard.core.engine_env.EngineEnvironment."""
         if not 0 <= local_rank < env.gpus_per_pod:
             raise ValueError(f"local_rank {local_rank} must be in 0..{env.gpus_per_pod - 1} (MOESHARD_GPUS_PER_POD)")
         return cls(

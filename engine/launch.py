@@ -2,7 +2,7 @@
 
 ``moeshard engine launch --nproc N --model DIR`` is the one-machine form of
 what the operator does on Kubernetes: it builds the MOESHARD_* environment
-contract (moeshard.operator.engine_env) for a group of one "pod" holding N
+contract (moeshard.core.engine_env) for a group of one "pod" holding N
 ranks, starts ``moeshard engine serve --local-rank i`` for each rank, and
 supervises them:
 
@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from moeshard.operator.engine_env import PREFIX, EngineEnvironment
+from moeshard.core.engine_env import PREFIX, EngineEnvironment
 
 CHILD_MODULE = "moeshard.engine.serving_cli"  # `python -m` entry that runs `serve` for one rank
 

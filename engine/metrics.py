@@ -9,7 +9,7 @@ index in the placement file's ``layers`` (0..L-1), not the decoder layer id.
 Every (layer, expert) series exists from the start at 0: the balancer treats a
 missing series as partial data.
 
-Every series also carries the scope labels of ``moeshard.operator.naming``
+Every series also carries the scope labels of ``moeshard.core.naming``
 (deployment, namespace, replica) so one Prometheus can hold many deployments.
 The registry is private (never the process-global default one), so several
 engines in one test process do not collide.
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from moeshard.operator.engine_env import EngineEnvironment
-from moeshard.operator.naming import (
+from moeshard.core.engine_env import EngineEnvironment
+from moeshard.core.naming import (
     METRIC_EXPERT_TOKENS,
     METRIC_PLACEMENT_REJECTED,
     METRIC_PLACEMENT_VERSION,

@@ -32,7 +32,7 @@ from moeshard.engine.config import ModelConfig, ParallelConfig
 from moeshard.engine.loading import PROGRESS_MIN_BYTES, CheckpointReader, maybe_progress
 from moeshard.engine.moe import MoELayer
 from moeshard.engine.parallel import ProcessGroups
-from moeshard.operator.placement import Placement
+from moeshard.core.placement import Placement
 
 log = logging.getLogger("moeshard.engine.model")
 

@@ -8,7 +8,7 @@
    Mixtral takes the top-K then renormalises (= softmax over the K logits).
 2. Replica choice: each (token, logical expert) pair goes to one physical slot
    of that expert, by the placement's deterministic hash
-   (:func:`moeshard.operator.placement.replica_slot`, ported bit for bit in
+   (:func:`moeshard.core.placement.replica_slot`, ported bit for bit in
    :class:`ReplicaTable`). The token key is the token's index in the step's
    whole batch, so the choice does not depend on EP/TP layout.
 3. Dispatch / combine through an :class:`moeshard.engine.comm.AllToAll`.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from moeshard.engine.comm import AllToAll
 from moeshard.kernels.fused_moe import fused_expert_ffn
-from moeshard.operator.placement import Placement, replica_table
+from moeshard.core.placement import Placement, replica_table
 
 _M32 = 0xFFFFFFFF
 

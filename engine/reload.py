@@ -32,41 +32,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from moeshard.operator.placement import Placement, PlacementError, parse_placement
+from moeshard.core.placement import Placement, PlacementError, PlacementShape, check_fits, parse_placement
 
 log = logging.getLogger("moeshard.engine.reload")
-
-
-@dataclass(frozen=True)
-class GroupShape:
-    """What a placement must match to be usable by this group."""
-
-    num_gpus: int
-    slots_per_gpu: int
-    num_experts: int
-    num_layers: int
-
-    @classmethod
-    def of(cls, placement: Placement) -> "GroupShape":
-        return cls(placement.num_gpus, placement.slots_per_gpu, placement.num_experts, placement.num_layers)
-
-
-def check_fits(placement: Placement, shape: GroupShape) -> None:
-    """Raise PlacementError naming the first field that does not match this group."""
-    for field, got, want in (
-        ("numGpus", placement.num_gpus, shape.num_gpus),
-        ("slotsPerGpu", placement.slots_per_gpu, shape.slots_per_gpu),
-        ("numExperts", placement.num_experts, shape.num_experts),
-        ("layers", placement.num_layers, shape.num_layers),
-    ):
-        if got != want:
-            what = "MoE layers" if field == "layers" else "this group's value"
-            raise PlacementError(f"{field}: {got} does not match {what} ({want})")
 
 
 def placement_digest(placement: Placement) -> int:
@@ -109,7 +81,7 @@ class PlacementWatcher:
         path: str,
         current: Placement,
         *,
-        shape: GroupShape | None = None,
+        shape: PlacementShape | None = None,
         on_reject: Callable[[str], None] | None = None,
         poll_interval: float = 1.0,
         log_level: int = logging.WARNING,
@@ -117,7 +89,7 @@ class PlacementWatcher:
     ):
         self.path = path
         self.current = current
-        self.shape = shape or GroupShape.of(current)
+        self.shape = shape or PlacementShape.of(current)
         self.on_reject = on_reject
         self.poll_interval = poll_interval
         self.log_level = log_level

@@ -32,7 +32,7 @@ from moeshard.engine.loading import CheckpointReader
 from moeshard.engine.model import MoEModel, StepBatch, build_model
 from moeshard.engine.moe import expert_transfers
 from moeshard.engine.parallel import ProcessGroups, init_world
-from moeshard.operator.placement import Placement, PlacementError, initial_placement, parse_placement
+from moeshard.core.placement import Placement, PlacementError, initial_placement, parse_placement
 
 log = logging.getLogger("moeshard.engine.runtime")
 
@@ -122,7 +122,7 @@ class EngineRuntime:
     @classmethod
     def create(cls, env, local_rank: int = 0, *, init_process_group: bool = True, dtype: torch.dtype | None = None,
                comm_mode: str = "auto") -> "EngineRuntime":
-        """From a moeshard.operator.engine_env.EngineEnvironment: join the group, read this rank's share."""
+        """From a moeshard.core.engine_env.EngineEnvironment: join the group, read this rank's share."""
         parallel = ParallelConfig.from_env(env, local_rank)
         if parallel.device == "cuda":
             torch.cuda.set_device(local_rank)

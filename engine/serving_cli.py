@@ -1,7 +1,7 @@
 """``moeshard engine serve`` and ``moeshard engine launch``: argument parsing and process wiring.
 
 ``serve`` is what an engine pod runs: its ranks come from the MOESHARD_*
-environment (moeshard.operator.engine_env). ``launch`` starts a whole group on
+environment (moeshard.core.engine_env). ``launch`` starts a whole group on
 this machine. moeshard.engine.cli registers both under ``moeshard engine``;
 ``python -m moeshard.engine.serving_cli serve|launch`` runs them directly
 (that is how ``launch`` starts its ranks). No torch at module level.
@@ -16,14 +16,14 @@ import signal
 import sys
 import threading
 
-from moeshard.operator.cli import CommandError
-from moeshard.operator.engine_env import PREFIX, EngineEnvironment
+from moeshard.core.errors import CommandError
+from moeshard.core.engine_env import PREFIX, EngineEnvironment
 
 SERVE_HELP = "run this pod's engine ranks from the MOESHARD_* environment (what an engine pod runs)"
 LAUNCH_HELP = "start every rank of one engine group as local processes and serve its HTTP API"
 
 _SERVE_EPILOG = f"""\
-environment (set by the operator; see moeshard.operator.engine_env):
+environment (set by the operator; see moeshard.core.engine_env):
   {PREFIX}MODEL_PATH, {PREFIX}EXPERT_EP, {PREFIX}ATTENTION_TP, {PREFIX}PODS_PER_GROUP,
   {PREFIX}GPUS_PER_POD, {PREFIX}POD_INDEX, {PREFIX}RENDEZVOUS, {PREFIX}PLACEMENT_FILE,
   {PREFIX}PORT, {PREFIX}DEVICE, ... A rank's index is POD_INDEX x GPUS_PER_POD + local rank.

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from moeshard.operator.engine_env import EngineEnvironment
-from moeshard.operator.placement import Placement, initial_placement, placement_from_arrays
+from moeshard.core.engine_env import EngineEnvironment
+from moeshard.core.placement import Placement, initial_placement, placement_from_arrays
 
 TINY_ARCHS = ("qwen3_moe", "mixtral")
 DEFAULT_PROMPTS = ([3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46], [2, 71, 82, 81], [1, 41, 42, 13, 56, 62, 37])

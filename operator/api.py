@@ -19,21 +19,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .architectures import ARCHITECTURES, PRESETS, ModelArchitecture, get_preset
+from moeshard.core.architectures import ARCHITECTURES, PRESETS, ModelArchitecture, get_preset
+from moeshard.core.engine_env import RENDEZVOUS_PORT
+from moeshard.core.errors import UserError
+from moeshard.core.hardware import GB, PROFILES, TB, US, HardwareProfile, get_profile
+from moeshard.core.naming import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 
-# Architectures the engine (moeshard.engine) serves. The planner knows more (ARCHITECTURES).
-ENGINE_ARCHITECTURES = ("qwen3_moe", "mixtral")
-from .engine_env import RENDEZVOUS_PORT
+from .backends import BACKENDS, DEFAULT_BACKEND, get_backend
 from .images import ENGINE_IMAGE
-from .hardware import PROFILES, HardwareProfile, get_profile, GB, TB, US
 
-GROUP = "moeshard.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "MoEDeployment"
-PLURAL = "moedeployments"
-SINGULAR = "moedeployment"
-SHORT_NAMES = ["moed"]
+# Architectures some engine backend serves (the CRD's rule); the planner knows more (ARCHITECTURES).
+ENGINE_ARCHITECTURES = tuple(sorted({a for b in BACKENDS.values() for a in b.architectures}))
+
 
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
@@ -308,6 +305,9 @@ class RestartBudget(_Section):
 class EngineSpec(_Section):
     """The engine pods."""
 
+    backend: Literal[tuple(BACKENDS)] = Field(  # type: ignore[valid-type]
+        DEFAULT_BACKEND, description="Inference engine run in the pods (moeshard: MoEShard's own EP/TP engine)."
+    )
     image: str = Field(ENGINE_IMAGE, description="Engine container image (default: the engine image of this release).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Image pull policy."
@@ -347,17 +347,8 @@ class MoEDeploymentSpec(_Section):
     def _cross_field(self) -> "MoEDeploymentSpec":
         # The rules below are mirrored by CEL rules in crd.py (SPEC_RULES).
         arch = self.model.resolve()
-        if arch.architecture not in ENGINE_ARCHITECTURES:
-            where = "model.preset" if self.model.preset else "model.architecture.type"
-            raise ValueError(
-                f"{where} ({self.model.preset or arch.architecture}): the engine serves "
-                f"{', '.join(ENGINE_ARCHITECTURES)} models; `moeshard plan --preset` still plans the others"
-            )
-        if arch.first_dense_layers or arch.shared_experts:
-            raise ValueError(
-                "model.architecture.firstDenseLayers (and sharedExperts): the engine serves only models whose "
-                "every layer is routed MoE without shared experts; set both to 0"
-            )
+        where = "model.preset" if self.model.preset else "model.architecture.type"
+        get_backend(self.engine.backend).check_model(arch, f"{where} ({self.model.preset or arch.architecture})")
         hw = self.hardware.resolve()
         slots = arch.num_experts + self.load_balancing.redundant_slots
         ep, tp = self.parallelism.expert_ep, self.parallelism.attention_tp
@@ -429,7 +420,7 @@ class MoEDeploymentStatus(_Section):
     last_rebalance_time: str | None = Field(None, description="When the placement last changed (RFC 3339).")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A bad MoEDeployment spec; ``field`` is the JSON path (``spec.parallelism.expertEP``)."""
 
     def __init__(self, field: str, message: str):

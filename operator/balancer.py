@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .placement import Placement, PlacementError, gpu_loads, placement_from_arrays
+from moeshard.core.placement import Placement, PlacementError, gpu_loads, placement_from_arrays
 
 DOMAIN_PENALTY = 0.01  # of the mean GPU load: how much balance a domain-spread tie-break may cost
 

@@ -27,11 +27,11 @@ from typing import Any, Callable
 
 import kopf
 
-from . import naming
+from moeshard.core import naming
 from .api import API_VERSION, GROUP, PLURAL, VERSION, SpecError, parse_duration, parse_spec
 from .kube import Kube, KubeError
-from .planner import ranks_per_domain
-from .placement import PLACEMENT_KEY, PlacementError, parse_placement
+from .planner import plan_for_spec
+from moeshard.core.placement import PLACEMENT_KEY, PlacementError, parse_placement
 from .prometheus_source import PrometheusSource
 from .rebalance import CONDITION_BALANCED, CycleOutcome, LoadSource, merge_conditions, run_cycle
 
@@ -86,7 +86,7 @@ def balance_once(
         return BalanceRun("skipped", f"live {PLACEMENT_KEY} is invalid ({exc}); the reconciler resets it")
     # 3. The pure cycle: query, plan, hysteresis.
     # Ranks per NVLink domain of this group, as the planner laid it out (and as the engine is told).
-    gpus_per_domain = ranks_per_domain(current.num_gpus, spec.hardware.resolve())
+    gpus_per_domain = plan_for_spec(spec).chosen.ranks_per_domain
     outcome = run_cycle(make_source(lb.prometheus_url), name, namespace, current, lb, gpus_per_domain, now)
     run = BalanceRun("kept", "", outcome, [outcome.event] if outcome.event else [])
     # 4. The new placement, only over the ConfigMap we read.

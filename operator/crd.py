@@ -19,9 +19,9 @@ from .api import (
     ENGINE_ARCHITECTURES, GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
     MoEDeploymentSpec, MoEDeploymentStatus,
 )
-from .engine_env import RENDEZVOUS_PORT
-from .architectures import PRESETS
-from .hardware import PROFILES
+from moeshard.core.engine_env import RENDEZVOUS_PORT
+from moeshard.core.architectures import PRESETS
+from moeshard.core.hardware import PROFILES
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 _ENGINE_PRESETS = sorted(k for k, p in PRESETS.items() if p.architecture in ENGINE_ARCHITECTURES)

@@ -37,15 +37,16 @@ from typing import Any
 
 import kopf
 
-from . import naming
+from moeshard.core import naming
 from .api import API_VERSION, GROUP, PLURAL, VERSION, SpecError, parse_duration, parse_resource
 from .kube import Kube, KubeError, kube_from_config
+from .deployment import Deployment
 from .manifests import (
-    HASH_ANNOTATION, KINDS, LWS_API_VERSION, Deployment, build_compute_domain, build_config_map,
+    HASH_ANNOTATION, KINDS, LWS_API_VERSION, build_compute_domain, build_config_map,
     build_group, build_headless_service, build_initial_placement, build_pod_disruption_budget, build_service,
     placement_fits,
 )
-from .placement import PLACEMENT_KEY, PlacementError, parse_placement
+from moeshard.core.placement import PLACEMENT_KEY, PlacementError, parse_placement
 from .planner import plan_for_spec
 from .status import Observation, compute_status, status_changed
 
@@ -248,10 +249,11 @@ class _Reconciler:
 
         # 4. per-group objects, then the groups themselves
         for r in range(d.replicas):
-            self.apply(build_headless_service(d, r), live.services.get(naming.headless_service_name(self.name, r)))
-            self.apply(build_pod_disruption_budget(d, r), live.pdbs.get(naming.group_name(self.name, r)))
+            self.apply(build_headless_service(d, d.group(r)),
+                       live.services.get(naming.headless_service_name(self.name, r)))
+            self.apply(build_pod_disruption_budget(d, d.group(r)), live.pdbs.get(naming.group_name(self.name, r)))
             if spec.engine.scheduling.compute_domain:
-                self.apply(build_compute_domain(d, r), live.domains.get(naming.group_name(self.name, r)))
+                self.apply(build_compute_domain(d, d.group(r)), live.domains.get(naming.group_name(self.name, r)))
         for group in live.other_kind_groups.values():  # groupKind changed: the old kind's groups go
             self.delete_group(group, live.pods, "spec.engine.groupKind changed")
         counts = self.groups(d, live)
@@ -282,7 +284,7 @@ class _Reconciler:
         """
         budget = d.spec.engine.restart_budget
         history = self.restart_history(budget.window)
-        desired = {r: build_group(d, r) for r in range(d.replicas)}
+        desired = {g.index: build_group(d, g) for g in d.groups()}
         current = {r: live.groups.get(naming.group_name(self.name, r)) for r in range(d.replicas)}
         serving = {r for r, g in current.items() if g is not None and _group_ready(g, d.pods_per_replica)}
         floor = d.replicas - d.spec.engine.max_unavailable

@@ -29,29 +29,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
-from . import naming
-from .api import API_VERSION, KIND, MoEDeploymentSpec
-from .engine_env import (
-    CONFIG_MOUNT, MODEL_MOUNT, POD_INDEX_LABEL, PREFIX, READY_FILE, RENDEZVOUS_PORT, build_engine_env,
-)
-from .hardware import HardwareProfile
-from .placement import PLACEMENT_KEY, PLAN_KEY, Placement, initial_placement
-from .planner import Plan, ranks_per_domain
+from moeshard.core import naming
+from moeshard.core.engine_env import POD_INDEX_LABEL, RENDEZVOUS_PORT
+from moeshard.core.placement import PLACEMENT_KEY, Placement, check_fits, initial_placement
+
+from .api import API_VERSION, KIND
+from .backends import PodContext, get_backend
+from .deployment import Deployment, GroupRef
 
 CLIQUE_LABEL = "nvidia.com/gpu.clique"
-GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 HASH_ANNOTATION = "moeshard.io/desired-hash"
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 COMPUTE_DOMAIN_API_VERSION = "resource.nvidia.com/v1beta1"
 COMPUTE_DOMAIN_CLAIM = "compute-domain"
-ENGINE_CONTAINER = "engine"
-ENGINE_COMMAND = ["moeshard", "engine", "serve"]
-FETCH_COMMAND = ["moeshard", "engine", "fetch"]
 COMPONENT_ENGINE = "engine"
 COMPONENT_CONFIG = "config"
 COMPONENT_SERVICE = "service"
@@ -72,37 +66,6 @@ KINDS: dict[str, tuple[str, str]] = {
 CUSTOM_KINDS = frozenset({"LeaderWorkerSet", "ComputeDomain", KIND})
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """One MoEDeployment as the builders see it: identity, validated spec and plan."""
-
-    name: str
-    namespace: str
-    uid: str
-    spec: MoEDeploymentSpec
-    plan: Plan
-
-    @property
-    def hardware(self) -> HardwareProfile:
-        return self.plan.hardware
-
-    @property
-    def replicas(self) -> int:
-        return self.plan.chosen.replicas
-
-    @property
-    def pods_per_replica(self) -> int:
-        return self.plan.chosen.pods_per_replica
-
-    @property
-    def gpus_per_pod(self) -> int:
-        return self.plan.chosen.gpus_per_pod
-
-    @property
-    def uses_lws(self) -> bool:
-        return self.spec.engine.group_kind == "LeaderWorkerSet"
-
-
 # --------------------------------------------------------------------------- common metadata
 
 
@@ -114,22 +77,22 @@ def build_owner_reference(d: Deployment) -> dict[str, Any]:
     }
 
 
-def _metadata(d: Deployment, name: str, component: str, replica: int | None = None) -> dict[str, Any]:
+def _metadata(d: Deployment, name: str, component: str, group: GroupRef | None = None) -> dict[str, Any]:
     labels = naming.base_labels(d.name) | {naming.LABEL_COMPONENT: component}
-    if replica is not None:
-        labels[naming.LABEL_REPLICA] = str(replica)
+    if group is not None:
+        labels[naming.LABEL_REPLICA] = str(group.index)
     return {
         "name": name, "namespace": d.namespace, "labels": labels,
         "ownerReferences": [build_owner_reference(d)],
     }
 
 
-def group_labels(d: Deployment, replica: int) -> dict[str, str]:
+def group_labels(d: Deployment, group: GroupRef) -> dict[str, str]:
     """Labels selecting the pods of one replica group (StatefulSet selector, PDB, clique affinity)."""
     return {
         naming.LABEL_NAME: "moeshard-engine",
         naming.LABEL_DEPLOYMENT: d.name,
-        naming.LABEL_REPLICA: str(replica),
+        naming.LABEL_REPLICA: str(group.index),
     }
 
 
@@ -169,22 +132,19 @@ def build_initial_placement(d: Deployment, version: int = 0) -> Placement:
 
 def placement_fits(d: Deployment, placement: Placement) -> bool:
     """Whether a live placement still matches the plan (same ranks, slots, experts, layers)."""
-    c = d.plan.chosen
-    return (
-        placement.num_gpus == c.expert_ep and placement.slots_per_gpu == c.slots_per_gpu
-        and placement.num_experts == d.plan.model.num_experts and placement.num_layers == d.plan.model.moe_layers
-    )
+    try:
+        check_fits(placement, build_initial_placement(d))
+    except ValueError:
+        return False
+    return True
 
 
 def build_config_map(d: Deployment, placement: Placement | None) -> dict[str, Any]:
-    """ConfigMap with plan.json and, when given, placement.json (omitted: keep the live one)."""
-    data = {PLAN_KEY: json.dumps(d.plan.to_json(), sort_keys=True, separators=(",", ":"))}
-    if placement is not None:
-        data[PLACEMENT_KEY] = placement.to_json()
+    """ConfigMap with the engine's files (placement None: keep the live placement.json)."""
     return with_hash({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": _metadata(d, naming.config_map_name(d.name), COMPONENT_CONFIG),
-        "data": data,
+        "data": get_backend(d.spec.engine.backend).config_data(d, placement),
     })
 
 
@@ -193,8 +153,12 @@ def build_config_map(d: Deployment, placement: Placement | None) -> dict[str, An
 
 def rank0_selector(d: Deployment) -> dict[str, str]:
     """Selector of pod 0 of every group: the pods that serve the completions API."""
-    index_label = LWS_WORKER_INDEX_LABEL if d.uses_lws else POD_INDEX_LABEL
-    return {naming.LABEL_NAME: "moeshard-engine", naming.LABEL_DEPLOYMENT: d.name, index_label: "0"}
+    return {naming.LABEL_NAME: "moeshard-engine", naming.LABEL_DEPLOYMENT: d.name, pod_index_label(d): "0"}
+
+
+def pod_index_label(d: Deployment) -> str:
+    """The pod label holding a pod's index inside its group (set by the StatefulSet or LWS controller)."""
+    return LWS_WORKER_INDEX_LABEL if d.uses_lws else POD_INDEX_LABEL
 
 
 def build_service(d: Deployment) -> dict[str, Any]:
@@ -210,198 +174,96 @@ def build_service(d: Deployment) -> dict[str, Any]:
     })
 
 
-def build_headless_service(d: Deployment, replica: int) -> dict[str, Any]:
+def build_headless_service(d: Deployment, group: GroupRef) -> dict[str, Any]:
     """Headless Service giving the pods of one group stable DNS names (pod 0 = rendezvous)."""
     return with_hash({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _metadata(d, naming.headless_service_name(d.name, replica), COMPONENT_ENGINE, replica),
+        "metadata": _metadata(d, naming.headless_service_name(d.name, group.index), COMPONENT_ENGINE, group),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # ranks must resolve each other before they are ready
-            "selector": group_labels(d, replica),
+            "selector": group_labels(d, group),
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT,
                        "protocol": "TCP"}],
         },
     })
 
 
-def rendezvous_host(d: Deployment, replica: int) -> str:
+def rendezvous_host(d: Deployment, group: GroupRef) -> str:
     """DNS name of pod 0 of a group."""
-    group = naming.group_name(d.name, replica)
+    name = naming.group_name(d.name, group.index)
     if d.uses_lws:  # LWS names the leader <lws>-<group index> behind a headless Service named <lws>
-        return f"{group}-0.{group}.{d.namespace}.svc"
-    return f"{group}-0.{naming.headless_service_name(d.name, replica)}.{d.namespace}.svc"
+        return f"{name}-0.{name}.{d.namespace}.svc"
+    return f"{name}-0.{naming.headless_service_name(d.name, group.index)}.{d.namespace}.svc"
 
 
 # --------------------------------------------------------------------------- engine pods
 
 
-def _model_volume(spec: MoEDeploymentSpec) -> dict[str, Any]:
-    weights = spec.model.weights
-    if weights is None or weights.uri.startswith("hf://"):
-        # hf://: an init container downloads into it (build_fetch_container).
-        return {"name": "model", "emptyDir": {}}
-    if weights.uri.startswith("pvc://"):
-        claim = weights.uri.removeprefix("pvc://").split("/", 1)[0]
-        return {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-    return {"name": "model", "hostPath": {"path": weights.uri.removeprefix("file://"), "type": "Directory"}}
-
-
-def _model_mount(spec: MoEDeploymentSpec) -> dict[str, Any]:
-    mount: dict[str, Any] = {"name": "model", "mountPath": MODEL_MOUNT}
-    weights = spec.model.weights
-    if weights is not None and weights.uri.startswith("pvc://"):
-        mount["readOnly"] = True
-        sub_path = weights.uri.removeprefix("pvc://").partition("/")[2].strip("/")
-        if sub_path:
-            mount["subPath"] = sub_path
-    elif weights is not None and weights.uri.startswith("file://"):
-        mount["readOnly"] = True
-    return mount
-
-
-def build_fetch_container(d: Deployment) -> dict[str, Any] | None:
-    """Init container downloading hf:// weights into the model volume (None for other sources)."""
-    weights = d.spec.model.weights
-    if weights is None or not weights.uri.startswith("hf://"):
-        return None
-    command = [*FETCH_COMMAND, "--uri", weights.uri, "--out", MODEL_MOUNT]
-    if weights.revision:
-        command += ["--revision", weights.revision]
-    container: dict[str, Any] = {
-        "name": "fetch-weights",
-        "image": d.spec.engine.image,
-        "imagePullPolicy": d.spec.engine.image_pull_policy,
-        "command": command,
-        "env": [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
-        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
-    }
-    if weights.token_secret:
-        container["env"].append({
-            "name": "HF_TOKEN",
-            "valueFrom": {"secretKeyRef": {"name": weights.token_secret, "key": "HF_TOKEN"}},
-        })
-    return container
-
-
-def build_engine_container(d: Deployment, replica: int) -> dict[str, Any]:
-    """The engine container of every pod of group ``replica`` (env from engine_env.build_engine_env)."""
-    engine, hw = d.spec.engine, d.hardware
-    c = d.plan.chosen
-    env = build_engine_env(
-        deployment=d.name, namespace=d.namespace, replica_index=replica,
-        pods_per_group=c.pods_per_replica, gpus_per_pod=c.gpus_per_pod,
-        gpus_per_domain=ranks_per_domain(c.expert_ep, hw),  # the domain size the planner used for this EP
-        attention_tp=c.attention_tp, expert_ep=c.expert_ep, rendezvous_host=rendezvous_host(d, replica),
-        port=engine.port, device="cuda" if hw.uses_gpus else "cpu",
-    )
-    if d.uses_lws:  # LWS numbers pods with its own label, not the StatefulSet pod-index label
-        for entry in env:
-            if entry["name"] == PREFIX + "POD_INDEX":
-                entry["valueFrom"] = {"fieldRef": {"fieldPath": f"metadata.labels['{LWS_WORKER_INDEX_LABEL}']"}}
-    limits: dict[str, Any] = {"cpu": engine.resources.cpu, "memory": engine.resources.memory}
-    if hw.uses_gpus:
-        limits[GPU_RESOURCE] = str(c.gpus_per_pod)
-    resources: dict[str, Any] = {"requests": dict(limits), "limits": limits}
-    if engine.scheduling.compute_domain:
-        resources["claims"] = [{"name": COMPUTE_DOMAIN_CLAIM}]
-    container = {
-        "name": ENGINE_CONTAINER,
-        "image": engine.image,
-        "imagePullPolicy": engine.image_pull_policy,
-        "command": list(ENGINE_COMMAND),
-        "env": env,
-        "ports": [
-            {"name": "http", "containerPort": engine.port, "protocol": "TCP"},
-            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
-        ],
-        "resources": resources,
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            _model_mount(d.spec),
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
-    }
-    if c.pods_per_replica == 1:
-        # Only pod 0 runs the HTTP server (/healthz, /readyz; see engine/serving.py), so HTTP probes fit a
-        # one-pod group.
-        container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
-                                       "failureThreshold": 3}
-        container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
-                                      "failureThreshold": 6, "initialDelaySeconds": 30}
-    else:
-        # A multi-pod group shares one template and only pod 0 serves HTTP: every pod is ready once its
-        # local rank 0 has loaded its experts and the whole group has joined (the engine writes READY_FILE
-        # after the group's first collective), so a rolled group does not count as serving while loading.
-        container["readinessProbe"] = {"exec": {"command": ["test", "-f", READY_FILE]}, "periodSeconds": 5,
-                                       "failureThreshold": 3}
-    return container
-
-
-def build_group_affinity(d: Deployment, replica: int) -> dict[str, Any] | None:
+def build_group_affinity(d: Deployment, group: GroupRef) -> dict[str, Any] | None:
     """Required pod affinity on nvidia.com/gpu.clique when a multi-pod group must share one NVLink domain."""
-    c = d.plan.chosen
+    c = group.candidate
     if c.pods_per_replica <= 1 or c.crosses_fabric or not d.hardware.uses_gpus:
         return None
     return {
         "podAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": [{
-                "labelSelector": {"matchLabels": group_labels(d, replica)},
+                "labelSelector": {"matchLabels": group_labels(d, group)},
                 "topologyKey": CLIQUE_LABEL,
             }],
         },
     }
 
 
-def build_pod_template(d: Deployment, replica: int) -> dict[str, Any]:
-    """Pod template shared by every pod of one replica group."""
+def build_pod_template(d: Deployment, group: GroupRef) -> dict[str, Any]:
+    """Pod template shared by every pod of one group: topology from here, containers from the backend."""
     sched = d.spec.engine.scheduling
-    labels = naming.base_labels(d.name) | group_labels(d, replica) | {naming.LABEL_COMPONENT: COMPONENT_ENGINE}
+    labels = naming.base_labels(d.name) | group_labels(d, group) | {naming.LABEL_COMPONENT: COMPONENT_ENGINE}
     if sched.kueue_queue:
         labels[KUEUE_QUEUE_LABEL] = sched.kueue_queue
     metadata: dict[str, Any] = {"labels": labels}
     if sched.topology_annotations:
         metadata["annotations"] = dict(sched.topology_annotations)
+    context = PodContext(
+        rendezvous_host=rendezvous_host(d, group), pod_index_label=pod_index_label(d),
+        compute_domain_claim=COMPUTE_DOMAIN_CLAIM if sched.compute_domain else None,
+    )
+    engine = get_backend(d.spec.engine.backend).pod(d, group, context)
     pod: dict[str, Any] = {
         "restartPolicy": "Always",
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,
-        "containers": [build_engine_container(d, replica)],
-        "volumes": [
-            {"name": "config", "configMap": {"name": naming.config_map_name(d.name)}},
-            _model_volume(d.spec),
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL / gloo shared memory
-        ],
+        "containers": engine.containers,
+        "volumes": engine.volumes,
     }
-    fetch = build_fetch_container(d)
-    if fetch is not None:
-        pod["initContainers"] = [fetch]
+    if engine.init_containers:
+        pod["initContainers"] = engine.init_containers
     if sched.node_selector:
         pod["nodeSelector"] = dict(sched.node_selector)
     if sched.tolerations:
         pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
     if sched.priority_class_name:
         pod["priorityClassName"] = sched.priority_class_name
-    affinity = build_group_affinity(d, replica)
+    affinity = build_group_affinity(d, group)
     if affinity:
         pod["affinity"] = affinity
     if sched.compute_domain:
         pod["resourceClaims"] = [{
             "name": COMPUTE_DOMAIN_CLAIM,
-            "resourceClaimTemplateName": compute_domain_claim_template(d, replica),
+            "resourceClaimTemplateName": compute_domain_claim_template(d, group),
         }]
     return {"metadata": metadata, "spec": pod}
 
 
-def _group_metadata(d: Deployment, replica: int) -> dict[str, Any]:
-    meta = _metadata(d, naming.group_name(d.name, replica), COMPONENT_ENGINE, replica)
+def _group_metadata(d: Deployment, group: GroupRef) -> dict[str, Any]:
+    meta = _metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group)
     if d.spec.engine.scheduling.kueue_queue:
         meta["labels"][KUEUE_QUEUE_LABEL] = d.spec.engine.scheduling.kueue_queue
     return meta
 
 
-def build_group_statefulset(d: Deployment, replica: int) -> dict[str, Any]:
-    """StatefulSet running group ``replica``: P pods started together, pod 0 the rendezvous.
+def build_group_statefulset(d: Deployment, group: GroupRef) -> dict[str, Any]:
+    """StatefulSet running one group: P pods started together, pod 0 the rendezvous.
 
     ``updateStrategy: OnDelete``: the operator replaces whole groups itself
     (a rank cannot rejoin a running torch.distributed group), one group at a
@@ -409,41 +271,41 @@ def build_group_statefulset(d: Deployment, replica: int) -> dict[str, Any]:
     """
     return with_hash({
         "apiVersion": "apps/v1", "kind": "StatefulSet",
-        "metadata": _group_metadata(d, replica),
+        "metadata": _group_metadata(d, group),
         "spec": {
-            "replicas": d.pods_per_replica,
+            "replicas": group.candidate.pods_per_replica,
             "podManagementPolicy": "Parallel",
-            "serviceName": naming.headless_service_name(d.name, replica),
-            "selector": {"matchLabels": group_labels(d, replica)},
+            "serviceName": naming.headless_service_name(d.name, group.index),
+            "selector": {"matchLabels": group_labels(d, group)},
             "updateStrategy": {"type": "OnDelete"},
-            "template": build_pod_template(d, replica),
+            "template": build_pod_template(d, group),
         },
     })
 
 
-def build_group_leaderworkerset(d: Deployment, replica: int) -> dict[str, Any]:
-    """LeaderWorkerSet (one group of size P) running group ``replica``; LWS restarts the group as a unit."""
+def build_group_leaderworkerset(d: Deployment, group: GroupRef) -> dict[str, Any]:
+    """LeaderWorkerSet (one group of size P) running one group; LWS restarts the group as a unit."""
     return with_hash({
         "apiVersion": LWS_API_VERSION, "kind": "LeaderWorkerSet",
-        "metadata": _group_metadata(d, replica),
+        "metadata": _group_metadata(d, group),
         "spec": {
             "replicas": 1,
             "startupPolicy": "LeaderCreated",
             "leaderWorkerTemplate": {
-                "size": d.pods_per_replica,
+                "size": group.candidate.pods_per_replica,
                 "restartPolicy": "RecreateGroupOnPodRestart",
-                "workerTemplate": build_pod_template(d, replica),
+                "workerTemplate": build_pod_template(d, group),
             },
         },
     })
 
 
-def build_group(d: Deployment, replica: int) -> dict[str, Any]:
+def build_group(d: Deployment, group: GroupRef) -> dict[str, Any]:
     """The group object the spec asks for (engine.groupKind)."""
-    return build_group_leaderworkerset(d, replica) if d.uses_lws else build_group_statefulset(d, replica)
+    return build_group_leaderworkerset(d, group) if d.uses_lws else build_group_statefulset(d, group)
 
 
-def build_pod_disruption_budget(d: Deployment, replica: int) -> dict[str, Any]:
+def build_pod_disruption_budget(d: Deployment, group: GroupRef) -> dict[str, Any]:
     """PDB of one group: a healthy group loses no pod to a voluntary eviction.
 
     Evicting one rank takes the whole group down (its collectives break), so a
@@ -452,27 +314,27 @@ def build_pod_disruption_budget(d: Deployment, replica: int) -> dict[str, Any]:
     """
     return with_hash({
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-        "metadata": _metadata(d, naming.group_name(d.name, replica), COMPONENT_ENGINE, replica),
+        "metadata": _metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
         "spec": {
-            "minAvailable": d.pods_per_replica,
-            "selector": {"matchLabels": group_labels(d, replica)},
+            "minAvailable": group.candidate.pods_per_replica,
+            "selector": {"matchLabels": group_labels(d, group)},
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     })
 
 
-def compute_domain_claim_template(d: Deployment, replica: int) -> str:
-    return f"{naming.group_name(d.name, replica)}-imex"
+def compute_domain_claim_template(d: Deployment, group: GroupRef) -> str:
+    return f"{naming.group_name(d.name, group.index)}-imex"
 
 
-def build_compute_domain(d: Deployment, replica: int) -> dict[str, Any]:
+def build_compute_domain(d: Deployment, group: GroupRef) -> dict[str, Any]:
     """NVIDIA DRA ComputeDomain of one group (IMEX channels for multi-node NVLink)."""
     return with_hash({
         "apiVersion": COMPUTE_DOMAIN_API_VERSION, "kind": "ComputeDomain",
-        "metadata": _metadata(d, naming.group_name(d.name, replica), COMPONENT_ENGINE, replica),
+        "metadata": _metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
         "spec": {
-            "numNodes": d.pods_per_replica,
-            "channel": {"resourceClaimTemplate": {"name": compute_domain_claim_template(d, replica)}},
+            "numNodes": group.candidate.pods_per_replica,
+            "channel": {"resourceClaimTemplate": {"name": compute_domain_claim_template(d, group)}},
         },
     })
 
@@ -480,23 +342,23 @@ def build_compute_domain(d: Deployment, replica: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- everything
 
 
-def build_replica_objects(d: Deployment, replica: int) -> list[dict[str, Any]]:
-    """Objects of one replica group, in creation order (group object last)."""
-    objs = [build_headless_service(d, replica), build_pod_disruption_budget(d, replica)]
+def build_replica_objects(d: Deployment, group: GroupRef) -> list[dict[str, Any]]:
+    """Objects of one group, in creation order (group object last)."""
+    objs = [build_headless_service(d, group), build_pod_disruption_budget(d, group)]
     if d.spec.engine.scheduling.compute_domain:
-        objs.append(build_compute_domain(d, replica))
-    objs.append(build_group(d, replica))
+        objs.append(build_compute_domain(d, group))
+    objs.append(build_group(d, group))
     return objs
 
 
 def build_all(d: Deployment, placement: Placement | None = None) -> list[dict[str, Any]]:
-    """Every child object, in creation order: ConfigMap, Service, then each replica's objects.
+    """Every child object, in creation order: ConfigMap, Service, then each group's objects.
 
     ``placement`` defaults to the initial (version 0) placement.
     """
     objs = [build_config_map(d, placement or build_initial_placement(d)), build_service(d)]
-    for replica in range(d.replicas):
-        objs.extend(build_replica_objects(d, replica))
+    for group in d.groups():
+        objs.extend(build_replica_objects(d, group))
     return objs
 
 

@@ -93,9 +93,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from moeshard.core.layout import attention_tp_problem, expert_ep_problem, ranks_per_domain
+from moeshard.core.layout import slots_per_gpu as layout_slots_per_gpu
+
 from .api import MoEDeploymentSpec, SpecError, WorkloadSpec
-from .architectures import ModelArchitecture
-from .hardware import HardwareProfile
+from moeshard.core.architectures import ModelArchitecture
+from moeshard.core.hardware import HardwareProfile
 
 MEMORY_USABLE_FRACTION = 0.92  # CUDA context, allocator fragmentation, NCCL buffers
 ACTIVATION_BYTES = 2  # BF16 activations and dispatch payloads
@@ -116,6 +119,7 @@ class Candidate:
     pods_per_replica: int
     gpus_per_pod: int
     slots_per_gpu: int
+    ranks_per_domain: int  # M: ranks of one group inside one NVLink domain (what the engine is told)
     domains_per_replica: int
     crosses_fabric: bool
     tokens_per_expert: float
@@ -243,13 +247,6 @@ def gemm_crossover_tokens(model: ModelArchitecture, hw: HardwareProfile) -> floa
     return ridge * 3.0 * h * i * model.weight_bytes / denominator
 
 
-def ranks_per_domain(ep: int, hw: HardwareProfile) -> int:
-    """M: ranks of one EP group inside one NVLink domain (largest divisor of EP that fits)."""
-    if ep <= hw.gpus_per_domain:
-        return ep
-    return max(d for d in range(1, hw.gpus_per_domain + 1) if ep % d == 0)
-
-
 @dataclass(frozen=True)
 class _Dispatch:
     intra_bytes: float
@@ -265,7 +262,7 @@ def dispatch_cost(tokens: float, model: ModelArchitecture, hw: HardwareProfile, 
     e, k = model.num_experts, model.top_k
     token_bytes = ACTIVATION_BYTES * model.hidden_size
     per_rank = tokens / ep
-    m = ranks_per_domain(ep, hw)
+    m = ranks_per_domain(ep, hw.gpus_per_domain)
     q = ep // m
     d = distinct_destinations(e, k, ep)
     if q == 1:
@@ -342,9 +339,9 @@ def _evaluate(
     replicas: int, redundant_slots: int, allow_cross_domain: bool,
 ) -> Candidate:
     slots_total = model.num_experts + redundant_slots
-    slots_per_gpu = slots_total // ep
+    slots_per_gpu = layout_slots_per_gpu(model.num_experts, redundant_slots, ep)
     pods, gpus_per_pod, reason = _pods(ep, hw)
-    m = ranks_per_domain(ep, hw)
+    m = ranks_per_domain(ep, hw.gpus_per_domain)
     domains = ep // m
     crosses = domains > 1
     t = workload.prefill_tokens
@@ -373,7 +370,7 @@ def _evaluate(
         bottleneck = "compute-bound"
     return Candidate(
         attention_tp=tp, expert_ep=ep, replicas=replicas, pods_per_replica=pods, gpus_per_pod=gpus_per_pod,
-        slots_per_gpu=slots_per_gpu, domains_per_replica=domains, crosses_fabric=crosses,
+        slots_per_gpu=slots_per_gpu, ranks_per_domain=m, domains_per_replica=domains, crosses_fabric=crosses,
         tokens_per_expert=tokens_per_expert, tokens_per_slot=tokens_per_slot,
         dispatch_us=comm.dispatch_s * 1e6, gemm_us=gemm * 1e6, combine_us=comm.combine_s * 1e6,
         moe_step_us=moe_step * 1e6, decode_attention_us=attention * 1e6, step_us=(moe_step + attention) * 1e6,
@@ -402,21 +399,20 @@ def plan_parallelism(
     """
     workload = workload or WorkloadSpec()
     slots_total = model.num_experts + redundant_slots
-    eps = [ep for ep in _divisors(slots_total) if ep <= min(model.num_experts, MAX_EP)]
+    eps = [ep for ep in _divisors(slots_total)
+           if ep <= MAX_EP and expert_ep_problem(ep, model.num_experts, redundant_slots) is None]
     if expert_ep is not None:
-        if expert_ep not in eps:
-            raise PlanError(
-                "spec.parallelism.expertEP",
-                f"{expert_ep} must divide numExperts + redundantSlots ({slots_total}) and be at most "
-                f"{model.num_experts}",
-            )
+        problem = expert_ep_problem(expert_ep, model.num_experts, redundant_slots)
+        if problem:
+            raise PlanError("spec.parallelism.expertEP", problem)
         eps = [expert_ep]
     candidates: list[Candidate] = []
     for ep in eps:
         gpus_per_pod = min(ep, hardware.gpus_per_node)
         tps = [
             tp for tp in _divisors(gpus_per_pod)
-            if ep % tp == 0 and model.num_attention_heads % tp == 0
+            if attention_tp_problem(tp, ep, gpus_per_pod=hardware.gpus_per_node, num_heads=model.num_attention_heads,
+                                    num_kv_heads=model.num_kv_heads) is None
         ]
         if attention_tp is not None:
             tps = [tp for tp in tps if tp == attention_tp]

@@ -19,14 +19,14 @@ Shape legend: L MoE layers, E logical experts per layer.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .api import parse_duration
-from .naming import METRIC_EXPERT_TOKENS, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE
+from moeshard.core.naming import METRIC_EXPERT_TOKENS
+
+from .backends import DEFAULT_BACKEND, get_backend
 
 # Reasons of the MetricsAvailable condition when it is False.
 REASON_UNREACHABLE = "PrometheusUnreachable"
@@ -35,7 +35,6 @@ REASON_NO_DATA = "NoData"
 REASON_PARTIAL = "PartialData"
 REASON_BAD_DATA = "BadData"
 
-_LABEL_VALUE = re.compile(r'^[^"\\\n]*$')
 
 
 class MetricsUnavailable(Exception):
@@ -47,14 +46,9 @@ class MetricsUnavailable(Exception):
         self.message = message
 
 
-def expert_load_query(name: str, namespace: str, window: str) -> str:
-    """The PromQL of one deployment's per-(layer, expert) token increase over ``window``."""
-    for field, value in (("metadata.name", name), ("metadata.namespace", namespace)):
-        if not _LABEL_VALUE.match(value):
-            raise ValueError(f"{field}: {value!r} cannot be used as a label value")
-    parse_duration(window)  # raises ValueError naming the bad duration
-    selector = f'{SCOPE_DEPLOYMENT}="{name}",{SCOPE_NAMESPACE}="{namespace}"'
-    return f"sum by (layer, expert) (increase({METRIC_EXPERT_TOKENS}{{{selector}}}[{window}]))"
+def expert_load_query(name: str, namespace: str, window: str, backend: str = DEFAULT_BACKEND) -> str:
+    """The PromQL of one deployment's per-(layer, expert) token increase over ``window`` (the backend's)."""
+    return get_backend(backend).expert_load_query(name, namespace, window)
 
 
 def parse_expert_loads(result: Any, num_layers: int, num_experts: int) -> np.ndarray:

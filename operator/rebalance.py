@@ -22,7 +22,7 @@ import numpy as np
 
 from .api import LoadBalancingSpec
 from .balancer import BalancerOptions, rebalance_placement
-from .placement import Placement, imbalance
+from moeshard.core.placement import Placement, imbalance
 from .prometheus_source import MetricsUnavailable
 
 CONDITION_BALANCED = "Balanced"

@@ -1,1 +1,1 @@
-"""One module per ``moeshard`` subcommand (see moeshard.operator.cli)."""
+"""One module per ``moeshard`` subcommand (see moeshard.cli.main)."""

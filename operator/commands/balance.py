@@ -16,8 +16,8 @@ import json
 import sys
 
 from ..balancer import BalancerOptions, check_loads, max_mean, rebalance_placement
-from ..cli import CommandError
-from ..placement import PlacementError, parse_placement
+from moeshard.core.errors import CommandError
+from moeshard.core.placement import PlacementError, parse_placement
 
 HELP = "Compute a new expert placement (hot-expert replication) from per-expert loads."
 

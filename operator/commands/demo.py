@@ -32,8 +32,9 @@ import numpy as np
 
 from ..api import parse_resource
 from ..balancer import rebalance_placement
-from ..naming import METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_VERSION, METRIC_RANK_PAIRS
-from ..placement import Placement, gpu_loads, initial_placement, parse_placement
+from moeshard.core.layout import max_over_mean
+from moeshard.core.naming import METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_VERSION, METRIC_RANK_PAIRS
+from moeshard.core.placement import Placement, gpu_loads, initial_placement, parse_placement
 from ..planner import plan_for_spec
 from .plan import DEFAULT_DEPLOYMENT, format_table, load_resource
 
@@ -112,14 +113,10 @@ def _traffic(base: str, requests: int) -> list[list[int]]:
     return outputs
 
 
-def _max_mean(values: np.ndarray) -> float:
-    return float(values.max() / values.mean()) if values.mean() > 0 else 1.0
-
-
 def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="moeshard-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    cli = [sys.executable, "-m", "moeshard.operator.cli"]
+    cli = [sys.executable, "-m", "moeshard.cli.main"]
 
     plan = plan_for_spec(parse_resource(load_resource(str(DEFAULT_DEPLOYMENT))))
     _step(1, "plan the built-in default deployment")
@@ -171,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         ranks_before = _rank_loads(after_first, args.nproc) - _rank_loads(start, args.nproc)
         print(f"      tokens per expert (layer 0): {loads[0].astype(int).tolist()}")
         print(f"      (token, expert) pairs computed per rank: {ranks_before.astype(int).tolist()} "
-              f"(max/mean {_max_mean(ranks_before):.3f})")
+              f"(max/mean {max_over_mean(ranks_before):.3f})")
 
         _step(5, "rebalance: new placement from the measured counts")
         current = parse_placement(placement_file.read_text())
@@ -199,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         expected = gpu_loads(new, loads_second).sum(axis=0)
         print(f"      expected from the counts and the shares: {np.round(expected).astype(int).tolist()}")
         print(f"      (token, expert) pairs computed per rank: {ranks_after.astype(int).tolist()} "
-              f"(max/mean {_max_mean(ranks_after):.3f}, was {_max_mean(ranks_before):.3f})")
+              f"(max/mean {max_over_mean(ranks_after):.3f}, was {max_over_mean(ranks_before):.3f})")
         same = first == second
         print(f"      completions identical before and after the move: {same}")
         print(f"done; files in {workdir}")

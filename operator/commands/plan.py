@@ -12,8 +12,8 @@ import yaml
 from pydantic import ValidationError
 
 from ..api import API_VERSION, KIND, SpecError, WorkloadSpec, parse_resource
-from ..architectures import PRESETS, architecture_from_hf_config, get_preset
-from ..hardware import PROFILES, get_profile
+from moeshard.core.architectures import PRESETS, architecture_from_hf_config, get_preset
+from moeshard.core.hardware import PROFILES, get_profile
 from ..planner import Candidate, Plan, PlanError, gemm_crossover_tokens, plan_for_spec, plan_parallelism
 
 DEFAULT_DEPLOYMENT = Path(__file__).resolve().parent.parent / "presets" / "default-deployment.yaml"

@@ -38,7 +38,8 @@ def load_documents(path: str) -> list[Any]:
 def render_objects(body: dict[str, Any], namespace: str | None = None) -> list[dict[str, Any]]:
     """Every object for one MoEDeployment body; SpecError/PlanError name the bad field."""
     from ..api import parse_resource
-    from ..manifests import Deployment, build_all
+    from ..deployment import Deployment
+    from ..manifests import build_all
     from ..planner import plan_for_spec
 
     spec = parse_resource(body)

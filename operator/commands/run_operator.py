@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kubernetes.config import ConfigException
 
-    from ..cli import CommandError
+    from moeshard.core.errors import CommandError
     from ..kube import kube_from_config
 
     # Fail fast, in one line, when there is no cluster to talk to (kopf would retry forever).

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeshard.operator.placement import parse_placement
+from moeshard.core.placement import parse_placement
 
 
 def moe_layer_weights(seed: int, e: int, h: int, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
-from moeshard.operator.naming import METRIC_EXPERT_TOKENS, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, SCOPE_REPLICA
+from moeshard.core.naming import METRIC_EXPERT_TOKENS, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, SCOPE_REPLICA
 
 
 def prometheus_binary() -> str | None:

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moeshard.operator.balancer import BalancerOptions, check_loads, max_mean, rebalance_placement
-from moeshard.operator.placement import (
+from moeshard.core.placement import (
     PlacementError, gpu_loads, imbalance, initial_placement, parse_placement, placement_from_arrays, replica_slot,
 )
 

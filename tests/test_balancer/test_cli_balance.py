@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from moeshard.operator.cli import main
-from moeshard.operator.placement import imbalance, initial_placement, parse_placement
+from moeshard.cli.main import main
+from moeshard.core.placement import imbalance, initial_placement, parse_placement
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from eplb_baseline import balanced_packing, eplb_placement, rebalance_hierarchical, replicate_experts  # noqa: E402
 
-from moeshard.operator.placement import imbalance  # noqa: E402
+from moeshard.core.placement import imbalance  # noqa: E402
 
 
 def test_balanced_packing_is_greedy_heaviest_first_with_equal_counts():

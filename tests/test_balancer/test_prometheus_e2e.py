@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from moeshard.operator.api import LoadBalancingSpec
-from moeshard.operator.placement import initial_placement, parse_placement, replica_slot
+from moeshard.core.placement import initial_placement, parse_placement, replica_slot
 from moeshard.operator.prometheus_source import (
     REASON_NO_DATA, REASON_PARTIAL, REASON_UNREACHABLE, PrometheusSource, expert_load_query,
 )
@@ -203,8 +203,8 @@ def cluster(tmp_path, monkeypatch):
 
 def create_with_config_map(kube, body: dict, placement) -> dict:
     """The MoEDeployment and the ConfigMap the reconciler would create (placement version 0)."""
-    from moeshard.operator.naming import config_map_name
-    from moeshard.operator.placement import PLACEMENT_KEY
+    from moeshard.core.naming import config_map_name
+    from moeshard.core.placement import PLACEMENT_KEY
 
     live = kube.request("POST", f"/apis/moeshard.io/v1alpha1/namespaces/{NAMESPACE}/moedeployments", body)
     kube.request("POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", {
@@ -216,8 +216,8 @@ def create_with_config_map(kube, body: dict, placement) -> dict:
 
 
 def live_placement(kube, name: str):
-    from moeshard.operator.naming import config_map_name
-    from moeshard.operator.placement import PLACEMENT_KEY
+    from moeshard.core.naming import config_map_name
+    from moeshard.core.placement import PLACEMENT_KEY
 
     cm = kube.get("v1", "configmaps", NAMESPACE, config_map_name(name))
     return parse_placement(cm["data"][PLACEMENT_KEY])
@@ -262,7 +262,7 @@ def test_balance_once_writes_placement_and_status(prometheus, cluster):
 
 def test_balance_once_drops_its_plan_when_the_config_map_changed(prometheus, cluster):
     from moeshard.operator.balancer_handlers import balance_once
-    from moeshard.operator.naming import config_map_name
+    from moeshard.core.naming import config_map_name
 
     _, kube = cluster
     body = create_with_config_map(kube, moed(prometheus.url), initial_placement(LAYERS, EXPERTS, GPUS, SLOTS))

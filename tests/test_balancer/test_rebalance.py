@@ -9,7 +9,7 @@ import pytest
 
 from moeshard.operator.api import LoadBalancingSpec, MoEDeploymentStatus
 from moeshard.operator.balancer import rebalance_placement
-from moeshard.operator.placement import imbalance, initial_placement
+from moeshard.core.placement import imbalance, initial_placement
 from moeshard.operator.prometheus_source import (
     REASON_BAD_DATA, REASON_NO_DATA, REASON_PARTIAL, MetricsUnavailable, parse_expert_loads,
 )

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_demo_rebalances_a_live_group_and_load_evens_out(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "moeshard.operator.cli", "demo", "--workdir", str(tmp_path), "--requests", "12"],
+        [sys.executable, "-m", "moeshard.cli.main", "demo", "--workdir", str(tmp_path), "--requests", "12"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "engine.log").read_text()

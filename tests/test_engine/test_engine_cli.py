@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moeshard.operator.cli import main
+from moeshard.cli.main import main
 
 
 def test_engine_cli_module_does_not_import_torch():

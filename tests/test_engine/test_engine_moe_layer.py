@@ -16,7 +16,7 @@ from support.engine_tasks import moe_layer_task, moe_layer_weights
 
 from moeshard.engine.moe import route_topk
 from moeshard.engine.verify import replicated_placement, run_ranks
-from moeshard.operator.placement import initial_placement, replica_slot
+from moeshard.core.placement import initial_placement, replica_slot
 
 H, I, E = 16, 8, 8
 ROW_BYTES = H * 4  # float32 activations
@@ -108,7 +108,7 @@ def _run(world: int, m: int, extra: list[dict] = ()) -> tuple[list[dict], list[l
 
 
 def _check(cases: list[dict], results_by_case: list[list[dict]], world: int, m: int) -> None:
-    from moeshard.operator.placement import parse_placement
+    from moeshard.core.placement import parse_placement
 
     for case, results in zip(cases, results_by_case):
         placement = parse_placement(case["placement"])

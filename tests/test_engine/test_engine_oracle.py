@@ -25,7 +25,7 @@ import pytest
 from support.engine_tasks import oracle_task
 
 from moeshard.engine.verify import local_env, reference_outputs, replicated_placement, run_world
-from moeshard.operator.placement import placement_from_arrays
+from moeshard.core.placement import placement_from_arrays
 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46], [2, 71, 82, 81], [1, 41, 42, 13, 56, 62, 37], [9]]
 PROBE = [[77]]

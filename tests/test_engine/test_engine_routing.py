@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from moeshard.engine.comm import dedup_rows
 from moeshard.engine.moe import ReplicaTable, expert_transfers, mix_hash_torch, route_topk
 from moeshard.engine.verify import replicated_placement
-from moeshard.operator.placement import initial_placement, mix_hash, placement_from_arrays, replica_slot
+from moeshard.core.placement import initial_placement, mix_hash, placement_from_arrays, replica_slot
 
 
 # --------------------------------------------------------------------------- replica choice

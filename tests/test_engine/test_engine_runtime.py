@@ -15,8 +15,8 @@ from moeshard.engine.config import ModelConfig, ModelConfigError, ParallelConfig
 from moeshard.engine.loading import CheckpointError, CheckpointReader
 from moeshard.engine.runtime import EngineRuntime
 from moeshard.engine.verify import local_env, reference_outputs
-from moeshard.operator.engine_env import EngineEnvironment
-from moeshard.operator.placement import initial_placement
+from moeshard.core.engine_env import EngineEnvironment
+from moeshard.core.placement import initial_placement
 
 PROMPTS = [[5, 6, 7, 8, 9], [100, 3], [42]]
 

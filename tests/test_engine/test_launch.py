@@ -12,8 +12,9 @@ import pytest
 
 from moeshard.engine.launch import GroupSupervisor, LaunchSpec, child_environ, group_environment, rank_commands
 from moeshard.engine.serving_cli import configure_launch, configure_serve, run_launch, run_serve
-from moeshard.operator.cli import CommandError, build_parser
-from moeshard.operator.engine_env import EngineEnvironment
+from moeshard.cli.main import build_parser
+from moeshard.core.errors import CommandError
+from moeshard.core.engine_env import EngineEnvironment
 
 
 def test_every_rank_gets_the_engine_environment_contract(tmp_path):

@@ -1,4 +1,4 @@
-"""Engine metrics: names from moeshard.operator.naming, scope labels on every series, exact counts."""
+"""Engine metrics: names from moeshard.core.naming, scope labels on every series, exact counts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moeshard.engine.metrics import EngineMetrics, MetricScope
-from moeshard.operator.engine_env import EngineEnvironment
-from moeshard.operator.naming import (
+from moeshard.core.engine_env import EngineEnvironment
+from moeshard.core.naming import (
     METRIC_EXPERT_TOKENS,
     METRIC_PLACEMENT_REJECTED,
     METRIC_PLACEMENT_VERSION,

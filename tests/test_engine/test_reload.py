@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from moeshard.engine.reload import (
-    GroupShape,
+    PlacementShape,
     PlacementWatcher,
     agreed_version,
     agreement_vector,
     check_fits,
     placement_digest,
 )
-from moeshard.operator.placement import PlacementError, initial_placement, placement_from_arrays
+from moeshard.core.placement import PlacementError, initial_placement, placement_from_arrays
 
 LAYERS, EXPERTS, GPUS, SLOTS = 2, 4, 2, 3
 
@@ -131,7 +131,7 @@ def test_a_bad_file_withdraws_an_unadopted_candidate(tmp_path, rejected):
 
 
 def test_check_fits_names_the_field():
-    shape = GroupShape.of(placement(0))
+    shape = PlacementShape.of(placement(0))
     check_fits(placement(5, shift=2), shape)
     other = initial_placement(LAYERS, EXPERTS, GPUS, SLOTS + 1)
     with pytest.raises(PlacementError, match="slotsPerGpu"):
@@ -161,7 +161,7 @@ def test_agreement_needs_every_rank_on_the_same_content():
 def test_digest_ignores_formatting_but_not_content():
     p = placement(1, shift=1)
     pretty = json.dumps(json.loads(p.to_json()), indent=2)
-    from moeshard.operator.placement import parse_placement
+    from moeshard.core.placement import parse_placement
 
     assert placement_digest(parse_placement(pretty)) == placement_digest(p)
     assert placement_digest(placement(1, shift=2)) != placement_digest(p)

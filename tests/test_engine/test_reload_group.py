@@ -22,7 +22,7 @@ WORKER = textwrap.dedent(
     import torch.distributed as dist
     from moeshard.engine.reload import PlacementWatcher
     from moeshard.engine.serving import RequestQueue, ServingLimits, StepCommand, StepLoop, TorchChannel
-    from moeshard.operator.placement import initial_placement, placement_from_arrays
+    from moeshard.core.placement import initial_placement, placement_from_arrays
 
     rank, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

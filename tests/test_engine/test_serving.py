@@ -33,8 +33,8 @@ from moeshard.engine.serving import (
     parse_completion_request,
     start_http_server,
 )
-from moeshard.operator.naming import METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_VERSION
-from moeshard.operator.placement import initial_placement
+from moeshard.core.naming import METRIC_EXPERT_TOKENS, METRIC_PLACEMENT_VERSION
+from moeshard.core.placement import initial_placement
 
 VOCAB, LAYERS, EXPERTS, TOP_K = 50, 2, 4, 2
 

@@ -28,7 +28,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from moeshard.operator.naming import (
+from moeshard.core.naming import (
     METRIC_EXPERT_TOKENS,
     METRIC_PLACEMENT_REJECTED,
     METRIC_PLACEMENT_VERSION,
@@ -36,7 +36,7 @@ from moeshard.operator.naming import (
     METRIC_RANK_TOKENS,
     METRIC_REQUEST_LATENCY,
 )
-from moeshard.operator.placement import initial_placement, placement_from_arrays
+from moeshard.core.placement import initial_placement, placement_from_arrays
 from moeshard.engine.verify import reference_outputs
 from support.tiny_models import make_tiny_model
 

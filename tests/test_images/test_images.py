@@ -139,7 +139,7 @@ def test_engine_verify_in_the_cpu_image(buildah: Buildah, engine_image: str, tmp
         path.chmod(0o755 if path.is_dir() else 0o644)
     container = buildah.container(engine_image, volumes=[f"{model}:/model:ro"])
     result = _run(buildah, container, "moeshard", "engine", "verify", "--model", "/model", "--ep", "2",
-                  "--max-new-tokens", "4")
+                  "--prompts", "1,2,3,4;5,6", "--max-new-tokens", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["ok"], report

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = {"operator": "moeshard.operator", "engine": "moeshard.engine", "kernels": "moeshard.kernels"}
+PACKAGES = {
+    "core": "moeshard.core",
+    "cli": "moeshard.cli",
+    "operator": "moeshard.operator",
+    "engine": "moeshard.engine",
+    "kernels": "moeshard.kernels",
+}
 
 
 def _modules(folder: str) -> list[str]:
@@ -40,7 +46,7 @@ def test_operator_modules_never_import_torch():
         "import importlib, sys\n"
         f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        "from moeshard.operator.cli import build_parser\n"
+        "from moeshard.cli.main import build_parser\n"
         "build_parser().format_help()\n"
         "bad = [m for m in ('torch', 'triton', 'transformers') if m in sys.modules]\n"
         "print(','.join(bad))\n"
@@ -50,36 +56,87 @@ def test_operator_modules_never_import_torch():
     assert result.stdout.strip() == "", f"importing the operator (and building the CLI) imported {result.stdout.strip()}"
 
 
-def _imported_names(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative import inside kernels/ stays inside kernels/
-                names.add("." * node.level + (node.module or ""))
-            else:
-                names.add(node.module or "")
-    return names
+# The floors (docs/architecture.md): kernels <- engine -> core <- operator, and
+# cli on top naming the planes only as strings. Each package may import only
+# the packages listed here (besides itself); third-party names listed under
+# FORBIDDEN_THIRD_PARTY may never appear, not even lazily inside a function.
+ALLOWED_OURS = {
+    "moeshard.core": set(),
+    "moeshard.kernels": set(),
+    "moeshard.engine": {"moeshard.core", "moeshard.kernels"},
+    "moeshard.operator": {"moeshard.core"},
+    "moeshard.cli": {"moeshard.core"},
+}
+FORBIDDEN_THIRD_PARTY = {
+    "moeshard.core": {"torch", "triton", "transformers", "safetensors", "kopf", "kubernetes"},
+    "moeshard.operator": {"torch", "triton", "transformers", "safetensors"},
+    "moeshard.cli": {"torch", "triton", "transformers", "safetensors", "kopf", "kubernetes"},
+    "moeshard.kernels": set(),
+    "moeshard.engine": {"kopf", "kubernetes"},
+}
 
 
-def test_kernels_import_nothing_from_operator_or_engine():
-    files = sorted((ROOT / "kernels").rglob("*.py"))
-    assert files, "kernels/ is empty"
-    for path in files:
-        for name in _imported_names(path):
-            assert not name.startswith(("moeshard.operator", "moeshard.engine")), f"{path}: imports {name}"
-            assert not name.startswith(".."), f"{path}: relative import {name} leaves kernels/"
+def _module_name(path: Path) -> tuple[str, str]:
+    """(package, dotted module) of a source file under one of the mapped folders."""
+    folder = path.relative_to(ROOT).parts[0]
+    package = PACKAGES[folder]
+    rel = path.relative_to(ROOT / folder).with_suffix("")
+    return package, ".".join([package, *[p for p in rel.parts if p != "__init__"]])
 
 
-def test_engine_imports_only_torch_free_operator_modules():
-    allowed = {"moeshard.operator.placement", "moeshard.operator.engine_env", "moeshard.operator.naming", "moeshard.operator.cli",
-               "moeshard.operator.architectures", "moeshard.operator.api", "moeshard.operator.hardware"}
-    for path in sorted((ROOT / "engine").rglob("*.py")):
-        for name in _imported_names(path):
-            if name.startswith("moeshard.operator"):
-                assert name in allowed, f"{path}: imports {name}; the engine may use only {sorted(allowed)}"
+def import_graph() -> dict[str, set[str]]:
+    """Every module of ours -> the absolute names it imports anywhere in its body (AST, nothing is run)."""
+    graph: dict[str, set[str]] = {}
+    for folder in PACKAGES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            _, module = _module_name(path)
+            is_package = path.name == "__init__.py"
+            names: set[str] = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    if node.level:
+                        base = module.split(".")
+                        base = base[: len(base) - node.level + (1 if is_package else 0)]
+                        target = ".".join(base + ([node.module] if node.module else []))
+                    else:
+                        target = node.module or ""
+                    names.add(target)
+                    names.update(f"{target}.{alias.name}" for alias in node.names)
+            graph[module] = names
+    return graph
+
+
+def _package_of(name: str) -> str | None:
+    for package in ALLOWED_OURS:
+        if name == package or name.startswith(package + "."):
+            return package
+    return None
+
+
+def test_import_graph_follows_the_floors():
+    graph = import_graph()
+    assert {"moeshard.core.placement", "moeshard.engine.moe", "moeshard.operator.planner"} <= set(graph)
+    violations = []
+    for module, names in graph.items():
+        package = _package_of(module)
+        for name in names:
+            target = _package_of(name)
+            if target is not None and target != package and target not in ALLOWED_OURS[package]:
+                violations.append(f"{module} imports {name}")
+            if name.startswith("moeshard.") and target is None:
+                violations.append(f"{module} imports {name}, which is no package of ours")
+            if name.split(".")[0] in FORBIDDEN_THIRD_PARTY[package]:
+                violations.append(f"{module} imports {name}")
+    assert not violations, "import rules broken:\n" + "\n".join(sorted(violations))
+
+
+def test_import_graph_sees_relative_and_lazy_imports():
+    graph = import_graph()
+    # relative import inside the operator (from .api import ...), and a lazy one inside a function
+    assert "moeshard.operator.api" in graph["moeshard.operator.planner"]
+    assert any(name.startswith("moeshard.engine.") for name in graph["moeshard.engine.cli"])
 
 
 @pytest.mark.slow

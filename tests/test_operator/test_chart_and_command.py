@@ -146,7 +146,7 @@ def test_operator_without_a_cluster_fails_in_one_line(tmp_path):
 
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing"), "KUBERNETES_SERVICE_HOST": ""}
     result = subprocess.run(
-        [sys.executable, "-m", "moeshard.operator.cli", "operator", "-n", "default", "--standalone"],
+        [sys.executable, "-m", "moeshard.cli.main", "operator", "-n", "default", "--standalone"],
         capture_output=True, text=True, timeout=60, env=env,
     )
     assert result.returncode == 2

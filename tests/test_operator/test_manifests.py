@@ -8,15 +8,17 @@ import pathlib
 import pytest
 import yaml
 
-from moeshard.operator import naming
+from moeshard.core import naming
+from moeshard.core.naming import GPU_RESOURCE
+from moeshard.operator.deployment import Deployment
 from moeshard.operator.api import parse_resource
-from moeshard.operator.cli import main
+from moeshard.cli.main import main
 from moeshard.operator.commands.render import PLACEHOLDER_UID, render_objects
-from moeshard.operator.engine_env import EngineEnvironment
+from moeshard.core.engine_env import EngineEnvironment
 from moeshard.operator.manifests import (
-    CLIQUE_LABEL, GPU_RESOURCE, HASH_ANNOTATION, KUEUE_QUEUE_LABEL, Deployment, build_all, desired_hash,
+    CLIQUE_LABEL, HASH_ANNOTATION, KUEUE_QUEUE_LABEL, build_all, desired_hash,
 )
-from moeshard.operator.placement import parse_placement
+from moeshard.core.placement import parse_placement
 from moeshard.operator.planner import plan_for_spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -271,7 +273,7 @@ def test_podmonitor_example_selects_the_pods_that_serve_metrics(example):
 
 
 def test_multi_pod_groups_are_ready_only_when_the_engine_says_so(check_moed):
-    from moeshard.operator.engine_env import READY_FILE
+    from moeshard.core.engine_env import READY_FILE
 
     sts = _kinds(render_objects(check_moed(_qwen("gb200-nvl72"))), "StatefulSet")[0]
     container = _container(sts)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 
 from moeshard.operator.handlers import cleanup, reconcile
 from moeshard.operator.kube import KubeError
-from moeshard.operator.placement import parse_placement
+from moeshard.core.placement import parse_placement
 from support.kube_emulator import stale_list_reaction
 
 NS = "test"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from moeshard.operator.api import WorkloadSpec
-from moeshard.operator.architectures import PRESETS, get_preset
-from moeshard.operator.hardware import US, get_profile
+from moeshard.core.architectures import PRESETS, get_preset
+from moeshard.core.hardware import US, get_profile
 from moeshard.operator.planner import (
     distinct_destinations,
     gemm_crossover_tokens,

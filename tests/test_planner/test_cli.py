@@ -17,7 +17,7 @@ CANDIDATE_KEYS = {"attentionTP", "expertEP", "replicas", "podsPerReplica", "gpus
 
 def moeshard(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "moeshard.operator.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "moeshard.cli.main", *args], cwd=cwd, capture_output=True, text=True, timeout=120
     )
 
 

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from moeshard.operator.architectures import PRESETS, ConfigError, architecture_from_hf_config
+from moeshard.core.architectures import PRESETS, architecture_from_hf_config
+from moeshard.core.hf_config import ConfigError
 
 transformers = pytest.importorskip("transformers")
 

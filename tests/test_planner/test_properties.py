@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moeshard.operator.api import WorkloadSpec
-from moeshard.operator.architectures import PRESETS, ModelArchitecture
-from moeshard.operator.hardware import PROFILES
+from moeshard.core.architectures import PRESETS, ModelArchitecture
+from moeshard.core.hardware import PROFILES
 from moeshard.operator.planner import MEMORY_USABLE_FRACTION, PlanError, plan_parallelism
 
 custom_models = st.builds(

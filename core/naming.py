@@ -5,7 +5,17 @@ One place, so that the operator, the balancer, the engine and the chart agree.
 
 from __future__ import annotations
 
-from .api import GROUP
+# The MoEDeployment API (group, version, kind); the pydantic models live in moeshard.operator.api.
+GROUP = "moeshard.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "MoEDeployment"
+PLURAL = "moedeployments"
+SINGULAR = "moedeployment"
+SHORT_NAMES = ["moed"]
+
+# The GPU resource engine pods request (NVIDIA device plugin).
+GPU_RESOURCE = "nvidia.com/gpu"
 
 # Labels on every child object and engine pod.
 LABEL_NAME = "app.kubernetes.io/name"

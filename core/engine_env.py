@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from moeshard.core.layout import attention_tp_problem, global_rank
+
 PREFIX = "MOESHARD_"
 CONFIG_MOUNT = "/etc/moeshard"  # the ConfigMap (plan.json, placement.json) is mounted here
 MODEL_MOUNT = "/models"
@@ -102,13 +104,18 @@ class EngineEnvironment:
                 f"{PREFIX}PODS_PER_GROUP x {PREFIX}GPUS_PER_POD ({env.pods_per_group} x {env.gpus_per_pod}) "
                 f"must equal {PREFIX}EXPERT_EP ({env.expert_ep})"
             )
-        if env.expert_ep % env.attention_tp:
-            raise ValueError(f"{PREFIX}ATTENTION_TP ({env.attention_tp}) must divide {PREFIX}EXPERT_EP ({env.expert_ep})")
+        problem = attention_tp_problem(env.attention_tp, env.expert_ep, gpus_per_pod=env.gpus_per_pod)
+        if problem:
+            raise ValueError(f"{PREFIX}ATTENTION_TP: {problem}")
         if env.pod_index >= env.pods_per_group:
             raise ValueError(f"{PREFIX}POD_INDEX ({env.pod_index}) must be < {PREFIX}PODS_PER_GROUP ({env.pods_per_group})")
         if env.device not in ("cuda", "cpu"):
             raise ValueError(f"{PREFIX}DEVICE must be cuda or cpu, got {env.device!r}")
         return env
+
+    def global_rank(self, local_rank: int) -> int:
+        """Rank inside the EP group of this pod's ``local_rank``-th GPU."""
+        return global_rank(self.pod_index, self.gpus_per_pod, local_rank)
 
     def to_environ(self) -> dict[str, str]:
         return {
@@ -145,11 +152,13 @@ def build_engine_env(
     port: int,
     device: str,
     model_path: str = MODEL_MOUNT,
+    pod_index_label: str = POD_INDEX_LABEL,
 ) -> list[dict]:
     """Container ``env`` entries for one engine pod template of a replica group.
 
-    The pod index is not known to the template: it comes from the StatefulSet
-    pod-index label through the downward API.
+    The pod index is not known to the template: it comes from a pod label
+    through the downward API (the StatefulSet pod-index label, or the
+    LeaderWorkerSet worker-index label).
     """
     fixed = EngineEnvironment(
         deployment=deployment, namespace=namespace, replica_index=replica_index, pod_index=0,
@@ -163,7 +172,7 @@ def build_engine_env(
         if name == PREFIX + "POD_INDEX":
             env.append({
                 "name": name,
-                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}},
+                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{pod_index_label}']"}},
             })
         else:
             env.append({"name": name, "value": value})

@@ -1,9 +1,14 @@
 """``moeshard`` command line: one entry point, one module per subcommand.
 
+This is the composition root: it is the only module that names both planes
+(``moeshard.operator`` and ``moeshard.engine``), and only as strings, loaded
+when the parser is built. The operator image has no torch, so no subcommand
+module may import torch at module level.
+
 Each subcommand module exposes ``HELP`` (one line), ``configure(parser)`` and
-``run(args) -> int``. Modules are imported when the parser is built, so none
-of them may import torch at module level (``moeshard --help`` stays fast and
-the operator image needs no torch).
+``run(args) -> int``; ``moeshard --help`` stays fast because nothing heavy is
+imported before a subcommand runs. Any ``moeshard.core.errors.UserError`` is
+printed as one line with exit status 2.
 """
 
 from __future__ import annotations
@@ -13,9 +18,7 @@ import importlib
 import os
 import sys
 
-from .api import SpecError
-from .architectures import ConfigError
-from .placement import PlacementError
+from moeshard.core.errors import UserError
 
 COMMANDS: dict[str, str] = {
     "plan": "moeshard.operator.commands.plan",
@@ -26,10 +29,6 @@ COMMANDS: dict[str, str] = {
     "engine": "moeshard.engine.cli",
     "demo": "moeshard.operator.commands.demo",
 }
-
-
-class CommandError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (SpecError, ConfigError, PlacementError, CommandError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"moeshard {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -68,8 +67,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: subcommands raise
-    # moeshard.operator.cli.CommandError, which must be the class main() catches.
-    from moeshard.operator.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -37,12 +37,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from moeshard.core.errors import UserError
+
 SHARE_TOLERANCE = 1e-6
 PLACEMENT_KEY = "placement.json"  # ConfigMap key and mounted file name
 PLAN_KEY = "plan.json"
 
 
-class PlacementError(ValueError):
+class PlacementError(UserError):
     """An invalid placement; the message names the offending field."""
 
 
@@ -149,6 +151,35 @@ def _check_invariants(p: Placement) -> None:
             raise PlacementError(
                 f"layers[{layer}].weights: shares of expert {off[0]} sum to {sums[off[0]]:.6f}, not 1"
             )
+
+
+@dataclass(frozen=True)
+class PlacementShape:
+    """What a placement must match to be usable by a group: ranks, slots per rank, experts, MoE layers."""
+
+    num_gpus: int
+    slots_per_gpu: int
+    num_experts: int
+    num_layers: int
+
+    @classmethod
+    def of(cls, placement: "Placement") -> "PlacementShape":
+        return cls(placement.num_gpus, placement.slots_per_gpu, placement.num_experts, placement.num_layers)
+
+
+def check_fits(placement: "Placement", shape: "PlacementShape | Placement") -> None:
+    """Raise PlacementError naming the first field of ``placement`` that does not match ``shape``."""
+    if isinstance(shape, Placement):
+        shape = PlacementShape.of(shape)
+    for field, got, want in (
+        ("numGpus", placement.num_gpus, shape.num_gpus),
+        ("slotsPerGpu", placement.slots_per_gpu, shape.slots_per_gpu),
+        ("numExperts", placement.num_experts, shape.num_experts),
+        ("layers", placement.num_layers, shape.num_layers),
+    ):
+        if got != want:
+            what = "MoE layers" if field == "layers" else "this group's value"
+            raise PlacementError(f"{field}: {got} does not match {what} ({want})")
 
 
 def parse_placement(data: str | bytes | dict[str, Any]) -> Placement:

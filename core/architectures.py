@@ -1,8 +1,8 @@
 """MoE model architectures: presets and Hugging Face ``config.json`` reading.
 
 Only the figures the planner and the operator need: layer counts and shapes,
-to size weights, KV cache, expert GEMMs and dispatch payloads. The engine
-reads the full config itself.
+to size weights, KV cache, expert GEMMs and dispatch payloads. A config.json
+is read by moeshard.core.hf_config, the reader the engine uses too.
 
 Shape legend used across MoEShard: T tokens, E experts, K top-K, H hidden,
 I expert intermediate size, L layers.
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ARCHITECTURES = ("qwen3_moe", "mixtral", "deepseek_v3")
+from moeshard.core.hf_config import HF_MODEL_TYPES, read_hf_config
+
+ARCHITECTURES = HF_MODEL_TYPES
 
 
 @dataclass(frozen=True)
@@ -132,14 +134,6 @@ PRESETS: dict[str, ModelArchitecture] = {
 }
 
 
-class ConfigError(ValueError):
-    """A config.json that does not describe a supported MoE model; names the key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
-
-
 def get_preset(name: str) -> ModelArchitecture:
     try:
         return PRESETS[name]
@@ -148,96 +142,35 @@ def get_preset(name: str) -> ModelArchitecture:
         raise KeyError(f"unknown model preset {name!r} (known: {known})") from None
 
 
-def _required(config: dict, key: str) -> int:
-    if key not in config:
-        raise ConfigError(key, "missing from config.json")
-    value = config[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(key, f"must be a positive integer, got {value!r}")
-    return value
-
-
-def _required_any(config: dict, *keys: str) -> int:
-    """The first of ``keys`` present (config.json files and transformers versions differ in naming)."""
-    for key in keys:
-        if key in config:
-            return _required(config, key)
-    raise ConfigError(keys[0], "missing from config.json")
-
-
 def architecture_from_hf_config(config: dict, name: str = "custom") -> ModelArchitecture:
-    """Read a Hugging Face ``config.json`` (as a dict) of a supported MoE architecture.
+    """The catalog entry of a Hugging Face ``config.json`` (as a dict), read by the one reader.
 
     Supported ``model_type``: ``qwen3_moe``, ``mixtral``, ``deepseek_v3``.
     Raises ConfigError naming the key that is missing or wrong.
     """
-    if not isinstance(config, dict):
-        raise ConfigError("(document)", f"config.json must be a JSON object, got {type(config).__name__}")
-    model_type = config.get("model_type")
-    hidden = _required(config, "hidden_size")
-    heads = _required(config, "num_attention_heads")
+    cfg = read_hf_config(config)
     common = dict(
-        name=name,
-        num_layers=_required(config, "num_hidden_layers"),
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or hidden // heads,
-        vocab_size=_required(config, "vocab_size"),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        source="config.json",
+        name=name, architecture=cfg.model_type, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        num_experts=cfg.num_experts, top_k=cfg.top_k, expert_intermediate_size=cfg.expert_intermediate_size,
+        num_attention_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size, first_dense_layers=cfg.dense_layers,
+        dense_intermediate_size=cfg.dense_intermediate_size if cfg.dense_layers else 0,
+        shared_experts=cfg.shared_experts, tie_embeddings=cfg.tie_word_embeddings, source="config.json",
     )
-    if model_type == "qwen3_moe":
-        if config.get("mlp_only_layers"):
-            raise ConfigError("mlp_only_layers", "dense layers inside a Qwen3-MoE model are not supported")
-        if config.get("decoder_sparse_step", 1) != 1:
-            raise ConfigError("decoder_sparse_step", "only 1 (every layer is MoE) is supported")
-        return ModelArchitecture(
-            architecture="qwen3_moe",
-            # Hub config.json files say num_experts; transformers 5 writes num_local_experts.
-            num_experts=_required_any(config, "num_experts", "num_local_experts"),
-            top_k=_required(config, "num_experts_per_tok"),
-            expert_intermediate_size=_required(config, "moe_intermediate_size"),
-            **common,
-        )
-    if model_type == "mixtral":
-        return ModelArchitecture(
-            architecture="mixtral",
-            num_experts=_required(config, "num_local_experts"),
-            top_k=_required(config, "num_experts_per_tok"),
-            expert_intermediate_size=_required(config, "intermediate_size"),
-            **common,
-        )
-    if model_type == "deepseek_v3":
-        q_lora = config.get("q_lora_rank") or 0
-        kv_lora = _required(config, "kv_lora_rank")
-        nope = _required(config, "qk_nope_head_dim")
-        rope = _required(config, "qk_rope_head_dim")
-        v_head = _required(config, "v_head_dim")
-        q_head = nope + rope
-        if q_lora:
-            q_params = hidden * q_lora + q_lora * heads * q_head
-        else:
-            q_params = hidden * heads * q_head
-        attention = (
-            q_params
-            + hidden * (kv_lora + rope)
-            + kv_lora * heads * (nope + v_head)
-            + heads * v_head * hidden
-        )
-        common["head_dim"] = v_head
-        return ModelArchitecture(
-            architecture="deepseek_v3",
-            num_experts=_required(config, "n_routed_experts"),
-            top_k=_required(config, "num_experts_per_tok"),
-            expert_intermediate_size=_required(config, "moe_intermediate_size"),
-            first_dense_layers=config.get("first_k_dense_replace", 0),
-            dense_intermediate_size=config.get("intermediate_size", 0),
-            shared_experts=config.get("n_shared_experts") or 0,
-            attention_params_per_layer_override=attention,
-            kv_bytes_per_token_per_layer_override=(kv_lora + rope) * 2,
-            **common,
-        )
-    raise ConfigError(
-        "model_type", f"{model_type!r} is not a supported MoE architecture (supported: {', '.join(ARCHITECTURES)})"
+    mla = cfg.latent_attention
+    if mla is None:
+        return ModelArchitecture(**common)
+    # Multi-head latent attention: sizes do not follow from the head counts.
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    q_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    q_params = hidden * mla.q_lora_rank + mla.q_lora_rank * heads * q_head if mla.q_lora_rank else hidden * heads * q_head
+    attention = (
+        q_params
+        + hidden * (mla.kv_lora_rank + mla.qk_rope_head_dim)
+        + mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+        + heads * mla.v_head_dim * hidden
+    )
+    return ModelArchitecture(
+        **common, attention_params_per_layer_override=attention,
+        kv_bytes_per_token_per_layer_override=(mla.kv_lora_rank + mla.qk_rope_head_dim) * 2,
     )

@@ -1,0 +1,180 @@
+"""MoEShard's own EP/TP engine (moeshard.engine) behind the operator's EngineBackend seam.
+
+Every pod of a group runs ``moeshard engine serve`` configured by the
+environment contract of moeshard.core.engine_env; the ConfigMap carries
+plan.json and the expert placement (placement.json) that the engine watches
+and reloads; the engine exports ``moeshard_expert_tokens_total{layer,expert}``
+which the balancer reads.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from moeshard.core.architectures import ModelArchitecture
+from moeshard.core.engine_env import (
+    CONFIG_MOUNT, MODEL_MOUNT, READY_FILE, RENDEZVOUS_PORT, build_engine_env,
+)
+from moeshard.core.naming import (
+    GPU_RESOURCE, METRIC_EXPERT_TOKENS, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, config_map_name,
+)
+from moeshard.core.placement import PLACEMENT_KEY, PLAN_KEY
+
+from .base import EnginePod, PodContext
+
+if TYPE_CHECKING:
+    from moeshard.core.placement import Placement
+
+    from ..api import MoEDeploymentSpec
+    from ..deployment import Deployment, GroupRef
+
+ENGINE_CONTAINER = "engine"
+ENGINE_COMMAND = ["moeshard", "engine", "serve"]
+FETCH_COMMAND = ["moeshard", "engine", "fetch"]
+_LABEL_VALUE_FORBIDDEN = set('"\\\n')
+
+
+def _model_volume(spec: "MoEDeploymentSpec") -> dict[str, Any]:
+    weights = spec.model.weights
+    if weights is None or weights.uri.startswith("hf://"):
+        # hf://: an init container downloads into it (_fetch_container).
+        return {"name": "model", "emptyDir": {}}
+    if weights.uri.startswith("pvc://"):
+        claim = weights.uri.removeprefix("pvc://").split("/", 1)[0]
+        return {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    return {"name": "model", "hostPath": {"path": weights.uri.removeprefix("file://"), "type": "Directory"}}
+
+
+def _model_mount(spec: "MoEDeploymentSpec") -> dict[str, Any]:
+    mount: dict[str, Any] = {"name": "model", "mountPath": MODEL_MOUNT}
+    weights = spec.model.weights
+    if weights is not None and weights.uri.startswith("pvc://"):
+        mount["readOnly"] = True
+        sub_path = weights.uri.removeprefix("pvc://").partition("/")[2].strip("/")
+        if sub_path:
+            mount["subPath"] = sub_path
+    elif weights is not None and weights.uri.startswith("file://"):
+        mount["readOnly"] = True
+    return mount
+
+
+def _fetch_container(d: "Deployment") -> dict[str, Any] | None:
+    """Init container downloading hf:// weights into the model volume (None for other sources)."""
+    weights = d.spec.model.weights
+    if weights is None or not weights.uri.startswith("hf://"):
+        return None
+    command = [*FETCH_COMMAND, "--uri", weights.uri, "--out", MODEL_MOUNT]
+    if weights.revision:
+        command += ["--revision", weights.revision]
+    container: dict[str, Any] = {
+        "name": "fetch-weights",
+        "image": d.spec.engine.image,
+        "imagePullPolicy": d.spec.engine.image_pull_policy,
+        "command": command,
+        "env": [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+    }
+    if weights.token_secret:
+        container["env"].append({
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": weights.token_secret, "key": "HF_TOKEN"}},
+        })
+    return container
+
+
+def _engine_container(d: "Deployment", group: "GroupRef", context: PodContext) -> dict[str, Any]:
+    """The engine container of every pod of ``group`` (env from engine_env.build_engine_env)."""
+    engine, hw, c = d.spec.engine, d.hardware, group.candidate
+    env = build_engine_env(
+        deployment=d.name, namespace=d.namespace, replica_index=group.index,
+        pods_per_group=c.pods_per_replica, gpus_per_pod=c.gpus_per_pod,
+        gpus_per_domain=c.ranks_per_domain,  # the domain size the planner used for this EP
+        attention_tp=c.attention_tp, expert_ep=c.expert_ep, rendezvous_host=context.rendezvous_host,
+        port=engine.port, device="cuda" if hw.uses_gpus else "cpu",
+        pod_index_label=context.pod_index_label,
+    )
+    limits: dict[str, Any] = {"cpu": engine.resources.cpu, "memory": engine.resources.memory}
+    if hw.uses_gpus:
+        limits[GPU_RESOURCE] = str(c.gpus_per_pod)
+    resources: dict[str, Any] = {"requests": dict(limits), "limits": limits}
+    if context.compute_domain_claim:
+        resources["claims"] = [{"name": context.compute_domain_claim}]
+    container = {
+        "name": ENGINE_CONTAINER,
+        "image": engine.image,
+        "imagePullPolicy": engine.image_pull_policy,
+        "command": list(ENGINE_COMMAND),
+        "env": env,
+        "ports": [
+            {"name": "http", "containerPort": engine.port, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+        ],
+        "resources": resources,
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            _model_mount(d.spec),
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    if c.pods_per_replica == 1:
+        # Only pod 0 runs the HTTP server (/healthz, /readyz), so HTTP probes fit a one-pod group.
+        container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
+                                       "failureThreshold": 3}
+        container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
+                                      "failureThreshold": 6, "initialDelaySeconds": 30}
+    else:
+        # A multi-pod group shares one template and only pod 0 serves HTTP: every pod is ready once its
+        # local rank 0 has loaded its experts and the whole group has joined (the engine writes READY_FILE
+        # after the group's first collective), so a rolled group does not count as serving while loading.
+        container["readinessProbe"] = {"exec": {"command": ["test", "-f", READY_FILE]}, "periodSeconds": 5,
+                                       "failureThreshold": 3}
+    return container
+
+
+class MoEShardEngine:
+    """The ``moeshard`` backend: MoEShard's own engine."""
+
+    name = "moeshard"
+    architectures = ("qwen3_moe", "mixtral")
+    takes_placement = True
+
+    def check_model(self, arch: ModelArchitecture, where: str) -> None:
+        if arch.architecture not in self.architectures:
+            raise ValueError(
+                f"{where}: the engine serves {', '.join(self.architectures)} models; "
+                "`moeshard plan --preset` still plans the others"
+            )
+        if arch.first_dense_layers or arch.shared_experts:
+            raise ValueError(
+                "model.architecture.firstDenseLayers (and sharedExperts): the engine serves only models whose "
+                "every layer is routed MoE without shared experts; set both to 0"
+            )
+
+    def pod(self, d: "Deployment", group: "GroupRef", context: PodContext) -> EnginePod:
+        fetch = _fetch_container(d)
+        return EnginePod(
+            containers=[_engine_container(d, group, context)],
+            init_containers=[fetch] if fetch is not None else [],
+            volumes=[
+                {"name": "config", "configMap": {"name": config_map_name(d.name)}},
+                _model_volume(d.spec),
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL / gloo shared memory
+            ],
+        )
+
+    def config_data(self, d: "Deployment", placement: "Placement | None") -> dict[str, str]:
+        data = {PLAN_KEY: json.dumps(d.plan.to_json(), sort_keys=True, separators=(",", ":"))}
+        if placement is not None:
+            data[PLACEMENT_KEY] = placement.to_json()
+        return data
+
+    def expert_load_query(self, name: str, namespace: str, window: str) -> str:
+        for field, value in (("metadata.name", name), ("metadata.namespace", namespace)):
+            if _LABEL_VALUE_FORBIDDEN & set(value):
+                raise ValueError(f"{field}: {value!r} cannot be used as a label value")
+        from ..api import parse_duration  # the API imports the backends
+
+        parse_duration(window)  # raises ValueError naming the bad duration
+        selector = f'{SCOPE_DEPLOYMENT}="{name}",{SCOPE_NAMESPACE}="{namespace}"'
+        return f"sum by (layer, expert) (increase({METRIC_EXPERT_TOKENS}{{{selector}}}[{window}]))"
