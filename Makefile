@@ -29,6 +29,10 @@ $(VENV)/.installed: pyproject.toml
 	      || echo "warning: could not install prometheus; its tests will be skipped"; \
 	  else echo "note: install Debian's 'prometheus' package to run the balancer's end-to-end tests"; fi; \
 	fi
+	@# checkov (policy scanner of the rendered engine pods, tests/test_operator/test_hardening.py) in a venv
+	@# of its own: its pins (packaging<24, python-dateutil<3) clash with pytest 9 and kubernetes 37.
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q checkov || echo "warning: could not install checkov; its test will be skipped"
 	touch $@
 
 test: setup

@@ -43,6 +43,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from .heartbeat import HEARTBEAT
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import EngineMetrics
 from .reload import PlacementWatcher, agreed_version, agreement_vector
@@ -515,6 +516,7 @@ class StepLoop:
         """Loop until rank 0 broadcasts stop (rank 0: after ``stop_event`` and an empty queue)."""
         while True:
             self.boundary_at, self._working = time.monotonic(), False
+            HEARTBEAT.beat()  # every rank, every step boundary: the pods' liveness probe reads it
             batch: list[PendingRequest] = []
             command: StepCommand | None = None
             if self.leader:

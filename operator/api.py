@@ -33,6 +33,7 @@ ENGINE_ARCHITECTURES = tuple(sorted({a for b in BACKENDS.values() for a in b.arc
 
 
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
 _DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Kubernetes object names (RFC 1123 label); the deployment name prefixes child names.
@@ -328,6 +329,16 @@ class EngineSpec(_Section):
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Scheduling hooks.")
     restart_budget: RestartBudget = Field(default_factory=RestartBudget, description="Group restart budget.")
     max_unavailable: int = Field(1, ge=1, description="Replica groups that may be rolled at once.")
+    shm_size: str = Field("8Gi", pattern=QUANTITY_PATTERN,
+                          description="Size limit of /dev/shm (a memory emptyDir for NCCL / gloo); counts against memory.")
+    startup_timeout: str = Field("30m", pattern=DURATION_PATTERN,
+                                 description="Model loading budget: the startup probe waits this long for the first step.")
+    stall_timeout: str = Field("5m", pattern=DURATION_PATTERN,
+                               description="A rank without a step boundary for this long is restarted (liveness probe).")
+    capabilities: list[Literal["IPC_LOCK", "SYS_RESOURCE", "NET_RAW", "NET_ADMIN"]] = Field(
+        default_factory=list,
+        description="Linux capabilities added back to the engine container (all others are dropped): IPC_LOCK for "
+                    "RDMA memory registration (InfiniBand/RoCE verbs), SYS_RESOURCE to raise the locked-memory limit.")
 
 
 # --------------------------------------------------------------------------- the resource

@@ -49,6 +49,14 @@ COMPUTE_DOMAIN_CLAIM = "compute-domain"
 COMPONENT_ENGINE = "engine"
 COMPONENT_CONFIG = "config"
 COMPONENT_SERVICE = "service"
+ENGINE_UID = 65532  # the engine image's user (images/engine/Containerfile)
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Restricted pod security (containers add a read-only root and dropped capabilities, backends/)."""
+    return {"runAsNonRoot": True, "runAsUser": ENGINE_UID, "runAsGroup": ENGINE_UID, "fsGroup": ENGINE_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
 
 # Kinds the operator writes: kind -> (apiVersion, plural). kube.py routes by this table.
 KINDS: dict[str, tuple[str, str]] = {
@@ -232,6 +240,8 @@ def build_pod_template(d: Deployment, group: GroupRef) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "restartPolicy": "Always",
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # the engine never calls the API server
+        "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": 30,
         "containers": engine.containers,
         "volumes": engine.volumes,
