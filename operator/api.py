@@ -335,6 +335,8 @@ class EngineSpec(_Section):
                                  description="Model loading budget: the startup probe waits this long for the first step.")
     stall_timeout: str = Field("5m", pattern=DURATION_PATTERN,
                                description="A rank without a step boundary for this long is restarted (liveness probe).")
+    network_policy: bool = Field(False, description="A NetworkPolicy per group: every port (rendezvous, NCCL/gloo "
+                                 "sockets) only from the group's own pods, the HTTP port from anywhere.")
     capabilities: list[Literal["IPC_LOCK", "SYS_RESOURCE", "NET_RAW", "NET_ADMIN"]] = Field(
         default_factory=list,
         description="Linux capabilities added back to the engine container (all others are dropped): IPC_LOCK for "

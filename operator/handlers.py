@@ -43,7 +43,8 @@ from .kube import Kube, KubeError, kube_from_config
 from .deployment import Deployment
 from .manifests import (
     HASH_ANNOTATION, KINDS, LWS_API_VERSION, build_compute_domain, build_config_map,
-    build_group, build_headless_service, build_initial_placement, build_pod_disruption_budget, build_service,
+    build_group, build_headless_service, build_initial_placement, build_network_policy, build_pod_disruption_budget,
+    build_service,
     placement_fits,
 )
 from moeshard.core.placement import PLACEMENT_KEY, PlacementError, parse_placement
@@ -238,6 +239,7 @@ class _Reconciler:
         live = _Children(
             config_maps=self.named("ConfigMap"), services=self.named("Service"),
             pdbs=self.named("PodDisruptionBudget"), domains=self.named("ComputeDomain"),
+            policies=self.named("NetworkPolicy"),
             groups=self.named("LeaderWorkerSet" if d.uses_lws else "StatefulSet"),
             other_kind_groups=self.named("StatefulSet" if d.uses_lws else "LeaderWorkerSet"),
             pods=self.children("Pod"),
@@ -254,16 +256,19 @@ class _Reconciler:
             self.apply(build_pod_disruption_budget(d, d.group(r)), live.pdbs.get(naming.group_name(self.name, r)))
             if spec.engine.scheduling.compute_domain:
                 self.apply(build_compute_domain(d, d.group(r)), live.domains.get(naming.group_name(self.name, r)))
+            if spec.engine.network_policy:
+                self.apply(build_network_policy(d, d.group(r)), live.policies.get(naming.group_name(self.name, r)))
         for group in live.other_kind_groups.values():  # groupKind changed: the old kind's groups go
             self.delete_group(group, live.pods, "spec.engine.groupKind changed")
         counts = self.groups(d, live)
 
         # 5. scale down: everything of a group index >= replicas (and ComputeDomains no longer asked for)
-        for objs in (live.groups, live.services, live.pdbs, live.domains):
+        for objs in (live.groups, live.services, live.pdbs, live.domains, live.policies):
             for obj in objs.values():
                 r = _replica_of(obj)
                 stale_domain = obj["kind"] == "ComputeDomain" and not spec.engine.scheduling.compute_domain
-                if r is not None and (r >= d.replicas or stale_domain):
+                stale_policy = obj["kind"] == "NetworkPolicy" and not spec.engine.network_policy
+                if r is not None and (r >= d.replicas or stale_domain or stale_policy):
                     if objs is live.groups:
                         self.delete_group(obj, live.pods, "scaled down")
                     else:
@@ -336,6 +341,7 @@ class _Children:
     services: dict[str, dict[str, Any]]
     pdbs: dict[str, dict[str, Any]]
     domains: dict[str, dict[str, Any]]
+    policies: dict[str, dict[str, Any]]
     groups: dict[str, dict[str, Any]]
     other_kind_groups: dict[str, dict[str, Any]]
     pods: list[dict[str, Any]]
@@ -353,7 +359,7 @@ def reconcile(kube: Kube, body: dict[str, Any], now: str | None = None) -> Outco
 def cleanup(kube: Kube, body: dict[str, Any]) -> Outcome:
     """Delete every child of a MoEDeployment (the finalizer's work; on a real cluster the GC would follow)."""
     rec = _Reconciler(kube, body, _now())
-    for kind in ("StatefulSet", "LeaderWorkerSet", "ComputeDomain", "PodDisruptionBudget", "Service",
+    for kind in ("StatefulSet", "LeaderWorkerSet", "ComputeDomain", "PodDisruptionBudget", "NetworkPolicy", "Service",
                  "ConfigMap", "Pod"):
         for obj in rec.children(kind):
             if kind == "Pod":

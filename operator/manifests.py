@@ -13,6 +13,7 @@ of P pods x G GPUs (P x G = EP ranks):
       Service (headless)  NAME-r<r>-ranks        stable pod DNS; pod 0 is the rendezvous
       StatefulSet         NAME-r<r>              P pods, parallel start (or a LeaderWorkerSet of size P)
       PodDisruptionBudget NAME-r<r>              no voluntary eviction from a healthy group
+      NetworkPolicy       NAME-r<r>              group-only ingress but HTTP (only with engine.networkPolicy)
       ComputeDomain       NAME-r<r>              NVIDIA DRA IMEX domain (only with scheduling.computeDomain)
 
 Placement rules (from the plan, see planner.py):
@@ -66,6 +67,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Event": ("v1", "events"),
     "StatefulSet": ("apps/v1", "statefulsets"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "LeaderWorkerSet": (LWS_API_VERSION, "leaderworkersets"),
     "ComputeDomain": (COMPUTE_DOMAIN_API_VERSION, "computedomains"),
     KIND: (API_VERSION, "moedeployments"),
@@ -315,6 +317,24 @@ def build_group(d: Deployment, group: GroupRef) -> dict[str, Any]:
     return build_group_leaderworkerset(d, group) if d.uses_lws else build_group_statefulset(d, group)
 
 
+def build_network_policy(d: Deployment, group: GroupRef) -> dict[str, Any]:
+    """NetworkPolicy of one group (spec.engine.networkPolicy): the group's pods admit every port from
+    each other (the rendezvous port and the ephemeral ports of NCCL / gloo sockets), and only the HTTP
+    port (completions API, /metrics) from anywhere else."""
+    return with_hash({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
+        "spec": {
+            "podSelector": {"matchLabels": group_labels(d, group)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": group_labels(d, group)}}]},
+                {"ports": [{"port": d.spec.engine.port, "protocol": "TCP"}]},
+            ],
+        },
+    })
+
+
 def build_pod_disruption_budget(d: Deployment, group: GroupRef) -> dict[str, Any]:
     """PDB of one group: a healthy group loses no pod to a voluntary eviction.
 
@@ -355,6 +375,8 @@ def build_compute_domain(d: Deployment, group: GroupRef) -> dict[str, Any]:
 def build_replica_objects(d: Deployment, group: GroupRef) -> list[dict[str, Any]]:
     """Objects of one group, in creation order (group object last)."""
     objs = [build_headless_service(d, group), build_pod_disruption_budget(d, group)]
+    if d.spec.engine.network_policy:
+        objs.append(build_network_policy(d, group))
     if d.spec.engine.scheduling.compute_domain:
         objs.append(build_compute_domain(d, group))
     objs.append(build_group(d, group))

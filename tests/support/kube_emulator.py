@@ -113,6 +113,7 @@ BUILTIN_RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/events": _resource_info("Event"),
     "apps/v1/statefulsets": _resource_info("StatefulSet", subresources=(STATUS, SCALE)),
     "policy/v1/poddisruptionbudgets": _resource_info("PodDisruptionBudget", subresources=(STATUS,)),
+    "networking.k8s.io/v1/networkpolicies": _resource_info("NetworkPolicy"),
 }
 LWS_RESOURCE = ("leaderworkerset.x-k8s.io/v1/leaderworkersets",
                 _resource_info("LeaderWorkerSet", subresources=(STATUS, SCALE)))

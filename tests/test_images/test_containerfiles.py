@@ -27,3 +27,14 @@ def test_engine_containerfile_torch_matches_the_engine_extra():
     pinned = next(r for r in PYPROJECT["project"]["optional-dependencies"]["engine"] if r.startswith("torch=="))
     text = (ROOT / "images" / "engine" / "Containerfile").read_text()
     assert f"ARG TORCH_VERSION={pinned.removeprefix('torch==')}" in text
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """The images install the package from a wheel (not editable): every folder with an __init__.py is listed."""
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    found = set()
+    for package, folder in PYPROJECT["tool"]["setuptools"]["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *relative)))
+    assert found - listed == set(), "pyproject.toml [tool.setuptools] packages misses these"

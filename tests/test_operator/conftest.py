@@ -61,7 +61,8 @@ def _check_builtin(obj: dict[str, Any]) -> None:
     for key in ("uid", "resourceVersion", "generation", "creationTimestamp"):
         clean.get("metadata", {}).pop(key, None)
     clean.pop("status", None)
-    clean.setdefault("apiVersion", {"StatefulSet": "apps/v1", "PodDisruptionBudget": "policy/v1"}.get(obj["kind"], "v1"))
+    clean.setdefault("apiVersion", {"StatefulSet": "apps/v1", "PodDisruptionBudget": "policy/v1",
+                                    "NetworkPolicy": "networking.k8s.io/v1"}.get(obj["kind"], "v1"))
     kubernetes_validate.validate(clean, "1.33", strict=True)
 
 
