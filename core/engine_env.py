@@ -39,6 +39,9 @@ CONFIG_MOUNT = "/etc/moeshard"  # the ConfigMap (plan.json, placement.json) is m
 MODEL_MOUNT = "/models"
 RENDEZVOUS_PORT = 29500
 READY_FILE = "/tmp/moeshard-ready"  # what the operator's readiness probe of multi-pod groups checks
+# Touched by every rank at each step boundary (engine/heartbeat.py; idle ranks step every idle interval):
+# the operator's startup probe waits for it, its liveness probe fails when it grows stale (a hung step).
+HEARTBEAT_FILE = "/tmp/moeshard-heartbeat"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"  # set by the StatefulSet controller (Kubernetes >= 1.28)
 
 

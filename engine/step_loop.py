@@ -29,6 +29,7 @@ import numpy as np
 from moeshard.engine.api_schema import RequestError
 from moeshard.engine.metrics import EngineMetrics
 from moeshard.engine.output import ServingRequest
+from moeshard.engine.heartbeat import HEARTBEAT
 from moeshard.engine.reload import PlacementSync, PlacementWatcher
 from moeshard.engine.scheduler import Scheduler, Sequence
 from moeshard.engine.step_plan import GroupChannel, SampledToken, StepPlan
@@ -142,7 +143,8 @@ class StepLoop:
         self._agree_on_placement()
 
     def heartbeat(self) -> None:
-        """The one call point per step for a liveness heartbeat; today the boundary time read by /healthz."""
+        """The one call point per step for liveness: the heartbeat file every pod's liveness probe reads."""
+        HEARTBEAT.beat()
 
     # ------------------------------------------------------------------ leader: planning
 

@@ -26,12 +26,14 @@ from moeshard.core.hardware import GB, PROFILES, TB, US, HardwareProfile, get_pr
 from moeshard.core.naming import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 
 from .backends import BACKENDS, DEFAULT_BACKEND, get_backend
+from .images import ENGINE_IMAGE
 
 # Architectures some engine backend serves (the CRD's rule); the planner knows more (ARCHITECTURES).
 ENGINE_ARCHITECTURES = tuple(sorted({a for b in BACKENDS.values() for a in b.architectures}))
 
 
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
 _DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Kubernetes object names (RFC 1123 label); the deployment name prefixes child names.
@@ -313,7 +315,7 @@ class EngineSpec(_Section):
     backend: Literal[tuple(BACKENDS)] = Field(  # type: ignore[valid-type]
         DEFAULT_BACKEND, description="Inference engine run in the pods (moeshard: MoEShard's own EP/TP engine)."
     )
-    image: str = Field("ghcr.io/moeshard/engine:0.1.0", description="Engine container image.")
+    image: str = Field(ENGINE_IMAGE, description="Engine container image (default: the engine image of this release).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Image pull policy."
     )
@@ -333,6 +335,18 @@ class EngineSpec(_Section):
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Scheduling hooks.")
     restart_budget: RestartBudget = Field(default_factory=RestartBudget, description="Group restart budget.")
     max_unavailable: int = Field(1, ge=1, description="Replica groups that may be rolled at once.")
+    shm_size: str = Field("8Gi", pattern=QUANTITY_PATTERN,
+                          description="Size limit of /dev/shm (a memory emptyDir for NCCL / gloo); counts against memory.")
+    startup_timeout: str = Field("30m", pattern=DURATION_PATTERN,
+                                 description="Model loading budget: the startup probe waits this long for the first step.")
+    stall_timeout: str = Field("5m", pattern=DURATION_PATTERN,
+                               description="A rank without a step boundary for this long is restarted (liveness probe).")
+    network_policy: bool = Field(False, description="A NetworkPolicy per group: every port (rendezvous, NCCL/gloo "
+                                 "sockets) only from the group's own pods, the HTTP port from anywhere.")
+    capabilities: list[Literal["IPC_LOCK", "SYS_RESOURCE", "NET_RAW", "NET_ADMIN"]] = Field(
+        default_factory=list,
+        description="Linux capabilities added back to the engine container (all others are dropped): IPC_LOCK for "
+                    "RDMA memory registration (InfiniBand/RoCE verbs), SYS_RESOURCE to raise the locked-memory limit.")
 
 
 # --------------------------------------------------------------------------- autoscaling

@@ -45,7 +45,8 @@ from .kube import Kube, KubeError, kube_from_config
 from .deployment import Deployment
 from .manifests import (
     HASH_ANNOTATION, KINDS, LWS_API_VERSION, build_compute_domain, build_config_map,
-    build_group, build_headless_service, build_initial_placement, build_pod_disruption_budget, build_service,
+    build_group, build_headless_service, build_initial_placement, build_network_policy, build_pod_disruption_budget,
+    build_service,
     placement_fits,
 )
 from moeshard.core.placement import PLACEMENT_KEY, PlacementError, parse_placement
@@ -246,6 +247,7 @@ class _Reconciler:
         live = _Children(
             config_maps=self.named("ConfigMap"), services=self.named("Service"),
             pdbs=self.named("PodDisruptionBudget"), domains=self.named("ComputeDomain"),
+            policies=self.named("NetworkPolicy"),
             groups=self.named("LeaderWorkerSet" if d.uses_lws else "StatefulSet"),
             other_kind_groups=self.named("StatefulSet" if d.uses_lws else "LeaderWorkerSet"),
             pods=self.children("Pod"),
@@ -263,20 +265,23 @@ class _Reconciler:
             self.apply(build_pod_disruption_budget(d, d.group(r)), live.pdbs.get(naming.group_name(self.name, r)))
             if spec.engine.scheduling.compute_domain:
                 self.apply(build_compute_domain(d, d.group(r)), live.domains.get(naming.group_name(self.name, r)))
+            if spec.engine.network_policy:
+                self.apply(build_network_policy(d, d.group(r)), live.policies.get(naming.group_name(self.name, r)))
         for group in live.other_kind_groups.values():  # groupKind changed: the old kind's groups go
             self.delete_group(group, live.pods, "spec.engine.groupKind changed")
         counts = self.groups(d, live)
 
-        # 5. scale down: everything of a group index >= replicas (and ComputeDomains no longer asked for),
-        #    once drained when spec.autoscaling asks for drains; then the autoscaler object
+        # 5. scale down: everything of a group index >= replicas (and ComputeDomains or NetworkPolicies no
+        #    longer asked for), once drained when spec.autoscaling asks for drains; then the autoscaler object
         draining = self.drain_groups(d, live)
-        for objs in (live.groups, live.services, live.pdbs, live.domains):
+        for objs in (live.groups, live.services, live.pdbs, live.domains, live.policies):
             for obj in objs.values():
                 r = _replica_of(obj)
                 stale_domain = obj["kind"] == "ComputeDomain" and not spec.engine.scheduling.compute_domain
-                if r in draining and not stale_domain:
+                stale_policy = obj["kind"] == "NetworkPolicy" and not spec.engine.network_policy
+                if r in draining and not (stale_domain or stale_policy):
                     continue
-                if r is not None and (r >= d.replicas or stale_domain):
+                if r is not None and (r >= d.replicas or stale_domain or stale_policy):
                     if objs is live.groups:
                         self.delete_group(obj, live.pods, "scaled down")
                     else:
@@ -454,6 +459,7 @@ class _Children:
     services: dict[str, dict[str, Any]]
     pdbs: dict[str, dict[str, Any]]
     domains: dict[str, dict[str, Any]]
+    policies: dict[str, dict[str, Any]]
     groups: dict[str, dict[str, Any]]
     other_kind_groups: dict[str, dict[str, Any]]
     pods: list[dict[str, Any]]
@@ -472,7 +478,7 @@ def cleanup(kube: Kube, body: dict[str, Any]) -> Outcome:
     """Delete every child of a MoEDeployment (the finalizer's work; on a real cluster the GC would follow)."""
     rec = _Reconciler(kube, body, _now())
     for kind in (*AUTOSCALER_KINDS, "StatefulSet", "LeaderWorkerSet", "ComputeDomain", "PodDisruptionBudget",
-                 "Service", "ConfigMap", "Pod"):
+                 "NetworkPolicy", "Service", "ConfigMap", "Pod"):
         for obj in rec.children(kind):
             if kind == "Pod":
                 kube.delete("v1", "pods", rec.namespace, obj["metadata"]["name"])

@@ -13,6 +13,7 @@ of P pods x G GPUs (P x G = EP ranks):
       Service (headless)  NAME-r<r>-ranks        stable pod DNS; pod 0 is the rendezvous
       StatefulSet         NAME-r<r>              P pods, parallel start (or a LeaderWorkerSet of size P)
       PodDisruptionBudget NAME-r<r>              no voluntary eviction from a healthy group
+      NetworkPolicy       NAME-r<r>              group-only ingress but HTTP (only with engine.networkPolicy)
       ComputeDomain       NAME-r<r>              NVIDIA DRA IMEX domain (only with scheduling.computeDomain)
 
 Placement rules (from the plan, see planner.py):
@@ -52,6 +53,14 @@ COMPUTE_DOMAIN_CLAIM = "compute-domain"
 COMPONENT_ENGINE = "engine"
 COMPONENT_CONFIG = "config"
 COMPONENT_SERVICE = "service"
+ENGINE_UID = 65532  # the engine image's user (images/engine/Containerfile)
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Restricted pod security (containers add a read-only root and dropped capabilities, backends/)."""
+    return {"runAsNonRoot": True, "runAsUser": ENGINE_UID, "runAsGroup": ENGINE_UID, "fsGroup": ENGINE_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
 
 # Kinds the operator writes: kind -> (apiVersion, plural). kube.py routes by this table.
 KINDS: dict[str, tuple[str, str]] = {
@@ -61,6 +70,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Event": ("v1", "events"),
     "StatefulSet": ("apps/v1", "statefulsets"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "LeaderWorkerSet": (LWS_API_VERSION, "leaderworkersets"),
     "ComputeDomain": (COMPUTE_DOMAIN_API_VERSION, "computedomains"),
     "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
@@ -238,6 +248,8 @@ def build_pod_template(d: Deployment, group: GroupRef) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "restartPolicy": "Always",
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # the engine never calls the API server
+        "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": 30,
         "containers": engine.containers,
         "volumes": engine.volumes,
@@ -311,6 +323,24 @@ def build_group(d: Deployment, group: GroupRef) -> dict[str, Any]:
     return build_group_leaderworkerset(d, group) if d.uses_lws else build_group_statefulset(d, group)
 
 
+def build_network_policy(d: Deployment, group: GroupRef) -> dict[str, Any]:
+    """NetworkPolicy of one group (spec.engine.networkPolicy): the group's pods admit every port from
+    each other (the rendezvous port and the ephemeral ports of NCCL / gloo sockets), and only the HTTP
+    port (completions API, /metrics) from anywhere else."""
+    return with_hash({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
+        "spec": {
+            "podSelector": {"matchLabels": group_labels(d, group)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": group_labels(d, group)}}]},
+                {"ports": [{"port": d.spec.engine.port, "protocol": "TCP"}]},
+            ],
+        },
+    })
+
+
 def build_pod_disruption_budget(d: Deployment, group: GroupRef) -> dict[str, Any]:
     """PDB of one group: a healthy group loses no pod to a voluntary eviction.
 
@@ -351,6 +381,8 @@ def build_compute_domain(d: Deployment, group: GroupRef) -> dict[str, Any]:
 def build_replica_objects(d: Deployment, group: GroupRef) -> list[dict[str, Any]]:
     """Objects of one group, in creation order (group object last)."""
     objs = [build_headless_service(d, group), build_pod_disruption_budget(d, group)]
+    if d.spec.engine.network_policy:
+        objs.append(build_network_policy(d, group))
     if d.spec.engine.scheduling.compute_domain:
         objs.append(build_compute_domain(d, group))
     objs.append(build_group(d, group))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from moeshard.core.architectures import ModelArchitecture
 from moeshard.core.engine_env import (
-    CONFIG_MOUNT, MODEL_MOUNT, READY_FILE, RENDEZVOUS_PORT, build_engine_env,
+    CONFIG_MOUNT, HEARTBEAT_FILE, MODEL_MOUNT, READY_FILE, RENDEZVOUS_PORT, build_engine_env,
 )
 from moeshard.core.naming import (
     GPU_RESOURCE, METRIC_EXPERT_TOKENS, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, config_map_name,
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from ..deployment import Deployment, GroupRef
 
 ENGINE_CONTAINER = "engine"
+TMP_MOUNT = "/tmp"  # the only writable path of the read-only root: heartbeat, ready file, HF and Triton caches
+PROBE_PERIOD_SECONDS = 10
 ENGINE_COMMAND = ["moeshard", "engine", "serve"]
 FETCH_COMMAND = ["moeshard", "engine", "fetch"]
 _LABEL_VALUE_FORBIDDEN = set('"\\\n')
@@ -73,7 +75,11 @@ def _fetch_container(d: "Deployment") -> dict[str, Any] | None:
         "imagePullPolicy": d.spec.engine.image_pull_policy,
         "command": command,
         "env": [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
-        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}, {"name": "tmp", "mountPath": TMP_MOUNT}],
+        # The engine's CPU and memory (no GPU), requests = limits: the pod keeps Guaranteed QoS and its
+        # effective request (max of init and app containers) does not grow.
+        "resources": _cpu_memory(d.spec),
+        "securityContext": container_security_context(()),
     }
     if weights.token_secret:
         container["env"].append({
@@ -81,6 +87,40 @@ def _fetch_container(d: "Deployment") -> dict[str, Any] | None:
             "valueFrom": {"secretKeyRef": {"name": weights.token_secret, "key": "HF_TOKEN"}},
         })
     return container
+
+
+def _cpu_memory(spec: "MoEDeploymentSpec") -> dict[str, Any]:
+    limits = {"cpu": spec.engine.resources.cpu, "memory": spec.engine.resources.memory}
+    return {"requests": dict(limits), "limits": limits}
+
+
+def container_security_context(capabilities: "tuple[str, ...] | list[str]") -> dict[str, Any]:
+    """Restricted container security: read-only root, no privilege escalation, every capability dropped
+    but ``capabilities`` (spec.engine.capabilities: what RDMA needs, see its description)."""
+    caps: dict[str, Any] = {"drop": ["ALL"]}
+    if capabilities:
+        caps["add"] = sorted(capabilities)
+    return {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": caps}
+
+
+def _seconds(duration: str) -> int:
+    from ..api import parse_duration  # the API imports the backends
+
+    return max(1, int(parse_duration(duration)))
+
+
+def heartbeat_probes(spec: "MoEDeploymentSpec") -> dict[str, Any]:
+    """startupProbe (the first step within startupTimeout) and livenessProbe (a step boundary within
+    stallTimeout) on every rank's heartbeat file (moeshard.engine.heartbeat); coreutils only, no Python."""
+    stall = _seconds(spec.engine.stall_timeout)
+    fresh = f'test $(( $(date +%s) - $(stat -c %Y {HEARTBEAT_FILE}) )) -lt {stall}'
+    return {
+        "startupProbe": {"exec": {"command": ["test", "-f", HEARTBEAT_FILE]}, "periodSeconds": PROBE_PERIOD_SECONDS,
+                         "failureThreshold": -(-_seconds(spec.engine.startup_timeout) // PROBE_PERIOD_SECONDS)},
+        "livenessProbe": {"exec": {"command": ["sh", "-c", fresh]}, "periodSeconds": PROBE_PERIOD_SECONDS,
+                          "timeoutSeconds": 5, "failureThreshold": 3},
+    }
 
 
 def _engine_container(d: "Deployment", group: "GroupRef", context: PodContext) -> dict[str, Any]:
@@ -115,14 +155,15 @@ def _engine_container(d: "Deployment", group: "GroupRef", context: PodContext) -
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             _model_mount(d.spec),
             {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": TMP_MOUNT},
         ],
+        "securityContext": container_security_context(engine.capabilities),
+        **heartbeat_probes(d.spec),
     }
     if c.pods_per_replica == 1:
         # Only pod 0 runs the HTTP server (/healthz, /readyz), so HTTP probes fit a one-pod group.
         container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
                                        "failureThreshold": 3}
-        container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
-                                      "failureThreshold": 6, "initialDelaySeconds": 30}
     else:
         # A multi-pod group shares one template and only pod 0 serves HTTP: every pod is ready once its
         # local rank 0 has loaded its experts and the whole group has joined (the engine writes READY_FILE
@@ -159,7 +200,9 @@ class MoEShardEngine:
             volumes=[
                 {"name": "config", "configMap": {"name": config_map_name(d.name)}},
                 _model_volume(d.spec),
-                {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL / gloo shared memory
+                # NCCL / gloo shared memory; memory-backed, so it counts against the memory limit: bounded.
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": d.spec.engine.shm_size}},
+                {"name": "tmp", "emptyDir": {}},
             ],
         )
 

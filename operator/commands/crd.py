@@ -1,16 +1,31 @@
-"""``moeshard crd``: write (or check) the generated MoEDeployment CRD and its chart copy."""
+"""``moeshard crd``: write (or check) the generated MoEDeployment CRD, its chart copy, and the chart's appVersion.
+
+The chart's ``appVersion`` (the operator image's default tag) follows the
+package version, as the engine image default of the API does.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from ..crd import crd_yaml
+from ..images import VERSION
 
 HELP = "Generate the MoEDeployment CRD from the API models (crds/ and the Helm chart's copy)."
 
 DEFAULT_TARGETS = ("crds/moedeployments.yaml", "charts/moeshard/crds/moedeployments.yaml")
+CHART_YAML = "charts/moeshard/Chart.yaml"
+APP_VERSION = re.compile(r'^appVersion:.*$', re.MULTILINE)
+
+
+def with_app_version(chart_yaml: str, version: str = VERSION) -> str:
+    """Chart.yaml text with ``appVersion`` set to ``version`` (the line must exist)."""
+    if not APP_VERSION.search(chart_yaml):
+        raise ValueError(f"{CHART_YAML}: no appVersion line")
+    return APP_VERSION.sub(f'appVersion: "{version}"', chart_yaml, count=1)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,10 +37,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    text = crd_yaml()
-    targets = args.out or list(DEFAULT_TARGETS)
+    crd = crd_yaml()
+    targets = [(target, crd) for target in args.out or DEFAULT_TARGETS]
+    if not args.out and Path(CHART_YAML).exists():
+        targets.append((CHART_YAML, with_app_version(Path(CHART_YAML).read_text())))
     stale = []
-    for target in targets:
+    for target, text in targets:
         if target == "-":
             sys.stdout.write(text)
             continue

@@ -29,7 +29,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from ..api import parse_resource
 from ..balancer import rebalance_placement
@@ -79,6 +78,7 @@ def _post(url: str, payload: dict, timeout: float = 120.0) -> dict:
 
 def _scrape(base: str) -> dict[str, dict[tuple, float]]:
     """metric name -> {label tuple: value} for the series the demo reads."""
+    from prometheus_client.parser import text_string_to_metric_families  # engine extra: the operator image has none
     _, body = _get(f"{base}/metrics")
     wanted = {METRIC_EXPERT_TOKENS: ("layer", "expert"), METRIC_RANK_PAIRS: ("rank",), METRIC_PLACEMENT_VERSION: ()}
     out: dict[str, dict[tuple, float]] = {name: {} for name in wanted}

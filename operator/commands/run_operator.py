@@ -4,6 +4,10 @@ Namespaced (``--namespace``, repeatable, globs allowed as in kopf) or
 cluster-wide (``--all-namespaces``). With peering (the default), several
 instances may run: kopf's peering objects (``kopf.dev`` ClusterKopfPeering or
 KopfPeering, installed by the Helm chart) let exactly one act at a time.
+kopf pauses *every* peer whose priority ties with another live peer's, so
+instances must have distinct priorities: the chart runs a StatefulSet and
+passes each pod's ordinal as ``--pod-index``, which lowers its priority by
+that much (pod 0 acts, pod 1 takes over when pod 0 leaves or its entry expires).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--standalone", action="store_true",
                         help="no peering: for a single instance or local runs")
     parser.add_argument("--priority", type=int, default=0,
-                        help="peering priority; the highest-priority instance acts")
+                        help="peering priority; the highest-priority instance acts (ties pause everyone)")
+    parser.add_argument("--pod-index", type=_pod_index, default=0, metavar="N",
+                        help="this instance's ordinal among its replicas (the chart passes the StatefulSet "
+                             "pod index): the peering priority becomes PRIORITY - N, distinct per pod")
     parser.add_argument("--resync", type=float, default=60.0, metavar="SECONDS",
                         help="re-reconcile a settled deployment this often (default 60)")
     parser.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
@@ -36,6 +43,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="kopf liveness endpoint ('' disables)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def _pod_index(text: str) -> int:
+    """``--pod-index``: a non-negative integer (an unexpanded ``$(POD_INDEX)`` is refused by name)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--pod-index: expected the pod's ordinal (a non-negative integer), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--pod-index: must be >= 0, got {value}")
+    return value
 
 
 def load_handlers() -> list[str]:
@@ -66,7 +85,7 @@ def operator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "namespaces": list(args.namespaces or []),
         "standalone": bool(args.standalone),
         "peering_name": None if args.standalone else args.peering,
-        "priority": args.priority,
+        "priority": args.priority - args.pod_index,
         "liveness_endpoint": args.liveness or None,
         "memo": kopf.Memo(config=config),
     }

@@ -25,6 +25,10 @@ piece tested in tests/test_operator/test_kube_emulator.py:
 7. the resources kopf and the operator use are declared (``v1/namespaces``
    first: without it kopf silently never starts watching), and kmock's path
    parser is fixed for ``/api/v1/namespaces[/NAME]`` (it answers 500).
+8. every request from the operator (kopf's ``kopf/*`` User-Agent or the
+   operator's own ``moeshard-operator``) is recorded as an RBAC triple
+   (API group, resource[/subresource], verb) in ``rbac_calls``; the chart's
+   ClusterRole is compared with them (test_zz_rbac_matches_calls.py).
 
 Still missing, by design: schema validation (tests validate with the CRD's
 openAPIV3Schema and kubernetes-validate), garbage collection (tests assert
@@ -57,6 +61,21 @@ from kmock._internal import parsing as kmock_parsing
 
 STATUS = "status"
 SCALE = "scale"
+OPERATOR_AGENTS = ("kopf/", "moeshard-operator")
+# (group, resource[/subresource], verb) of every operator request served by any emulator of this process.
+RECORDED_RBAC_CALLS: set[tuple[str, str, str]] = set()
+
+
+def rbac_call(request: kmock.Request) -> tuple[str, str, str] | None:
+    """The RBAC (API group, resource, verb) a resource request needs; None for discovery and such."""
+    resource, action = request.resource, request.action
+    if resource is None or action is None:
+        return None
+    method = str(request.method.value).upper()
+    verb = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "DELETE": "delete"}.get(
+        str(action.value), "patch" if method == "PATCH" else "update")
+    plural = f"{resource.plural}/{request.subresource}" if request.subresource else resource.plural
+    return (resource.group or "", plural, verb)
 
 
 def _parse_path_with_namespaces(path: str) -> kmock_parsing.ParsedPath:
@@ -95,6 +114,7 @@ BUILTIN_RESOURCES: dict[str, kmock.ResourceInfo] = {
     "apps/v1/statefulsets": _resource_info("StatefulSet", subresources=(STATUS, SCALE)),
     "policy/v1/poddisruptionbudgets": _resource_info("PodDisruptionBudget", subresources=(STATUS,)),
     "autoscaling/v2/horizontalpodautoscalers": _resource_info("HorizontalPodAutoscaler", subresources=(STATUS,)),
+    "networking.k8s.io/v1/networkpolicies": _resource_info("NetworkPolicy"),
 }
 LWS_RESOURCE = ("leaderworkerset.x-k8s.io/v1/leaderworkersets",
                 _resource_info("LeaderWorkerSet", subresources=(STATUS, SCALE)))
@@ -155,6 +175,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     """KubernetesEmulator with uid/resourceVersion/generation, 201, status and scale subresources, 409."""
 
     conflicts: list[str] = attrs.field(factory=list, init=False)  # "kind/name" of each 409 served
+    rbac_calls: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)  # see 8. above
     # Requests served, by HTTP method and path kind ("events" or "other"), for counting at the server.
     served: collections.Counter = attrs.field(factory=collections.Counter, init=False)
     # Keep only the newest N requests in kmock's history: kmock matches every request against the
@@ -321,6 +342,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         self.served[(str(request.method.value), "events" if request.url.path.endswith("/events") else "other")] += 1
+        if request.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
+            call = rbac_call(request)
+            if call is not None:
+                self.rbac_calls.add(call)
         if self.history_limit is not None and len(self._requests) > 2 * self.history_limit:
             del self._requests[: len(self._requests) - self.history_limit]
         if request.resource is None or request.name is None and request.action != kmock.action.CREATE:
@@ -425,13 +450,15 @@ class OperatorThread:
 
     def __init__(self, *, namespaces: list[str], memo: Any = None, settings: Any = None,
                  standalone: bool = True, peering_name: str | None = None, priority: int = 0,
-                 registry: Any = None):
+                 registry: Any = None, clusterwide: bool = False, name: str = "kopf-operator"):
         self.kwargs = dict(namespaces=namespaces, memo=memo, settings=settings, standalone=standalone,
-                           peering_name=peering_name, priority=priority, registry=registry)
+                           peering_name=peering_name, priority=priority, registry=registry,
+                           clusterwide=clusterwide)
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="kopf-operator", daemon=True)
+        # The thread's name is in every log record kopf writes from its loop (tells operators apart).
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     def _main(self) -> None:
         import kopf

@@ -25,7 +25,7 @@ from kubernetes import client, config
 from moeshard.operator.handlers import OperatorConfig, register
 from moeshard.operator.kube import Kube
 from moeshard.operator.manifests import CUSTOM_KINDS
-from support.kube_emulator import EmulatorThread, KubeEmulator, OperatorThread
+from support.kube_emulator import RECORDED_RBAC_CALLS, EmulatorThread, KubeEmulator, OperatorThread
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NAMESPACE = "test"
@@ -61,7 +61,8 @@ def _check_builtin(obj: dict[str, Any]) -> None:
     for key in ("uid", "resourceVersion", "generation", "creationTimestamp"):
         clean.get("metadata", {}).pop(key, None)
     clean.pop("status", None)
-    clean.setdefault("apiVersion", {"StatefulSet": "apps/v1", "PodDisruptionBudget": "policy/v1"}.get(obj["kind"], "v1"))
+    clean.setdefault("apiVersion", {"StatefulSet": "apps/v1", "PodDisruptionBudget": "policy/v1",
+                                    "NetworkPolicy": "networking.k8s.io/v1"}.get(obj["kind"], "v1"))
     kubernetes_validate.validate(clean, "1.33", strict=True)
 
 
@@ -98,6 +99,7 @@ def emulator(crd: dict[str, Any]) -> Iterator[EmulatorThread]:
     thread = EmulatorThread(em).start()
     yield thread
     thread.stop()
+    RECORDED_RBAC_CALLS.update(em.rbac_calls)  # compared with the chart's ClusterRole (test_zz_rbac_*)
 
 
 @pytest.fixture
@@ -127,7 +129,7 @@ def kube(api: client.ApiClient) -> Kube:
 
 @pytest.fixture
 def start_operator(kubeconfig: str) -> Iterator[Callable[..., OperatorThread]]:
-    """Start the real kopf operator (standalone, namespace 'test'); stopped at teardown."""
+    """Start the real kopf operator (standalone, namespace 'test' unless overridden); stopped at teardown."""
     started: list[OperatorThread] = []
 
     def start(**overrides: Any) -> OperatorThread:
@@ -138,7 +140,8 @@ def start_operator(kubeconfig: str) -> Iterator[Callable[..., OperatorThread]]:
         registry = kopf.OperatorRegistry()  # only this module's handlers, whatever else was imported
         register(registry)
         kopf.on.login(registry=registry)(kopf.login_via_client)  # the default registry has it built in
-        op = OperatorThread(namespaces=[NAMESPACE], memo=memo, settings=settings, registry=registry, **overrides)
+        overrides.setdefault("namespaces", [NAMESPACE])
+        op = OperatorThread(memo=memo, settings=settings, registry=registry, **overrides)
         started.append(op)
         return op.start()
 

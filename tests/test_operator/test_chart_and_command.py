@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 
 import helm_python as helm
+import jsonschema
 import pytest
 import yaml
 
@@ -18,7 +20,7 @@ CHART = pathlib.Path(__file__).resolve().parents[2] / "charts" / "moeshard"
 def _render(values: dict) -> list[dict]:
     chart = helm.Chart.load(str(CHART))
     out = chart.render(values, name="ms", namespace="moeshard-system", is_install=True)
-    return [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
+    return [doc for path, text in out.items() if not path.endswith("NOTES.txt") for doc in yaml.safe_load_all(text) if doc]
 
 
 def _rules(objs, kind):
@@ -36,6 +38,45 @@ def test_chart_lints_clean():
     assert [m for m in report["messages"] if m["severity"] > 1] == []
 
 
+def _leaves(node: dict, prefix: str = "") -> set[str]:
+    """Dotted paths of the values' leaves (maps with content are descended; lists and empty maps are leaves)."""
+    out = set()
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        out |= _leaves(value, f"{path}.") if isinstance(value, dict) and value else {path}
+    return out
+
+
+def _schema_has(schema: dict, path: str) -> bool:
+    """Whether the schema names ``path`` (a free-form map such as a securityContext covers what is under it)."""
+    node = schema
+    for part in path.split("."):
+        if "properties" not in node:
+            return node.get("type") == "object" or "$ref" in node
+        if part not in node["properties"]:
+            return False
+        node = node["properties"][part]
+    return True
+
+
+def test_values_schema_covers_every_value_and_refuses_typos():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.validate(values, schema)
+    missing = [path for path in sorted(_leaves(values)) if not _schema_has(schema, path)]
+    assert missing == []
+    with pytest.raises(Exception, match="replicas"):
+        _render({"operator": {"replicas": "two"}})  # Helm checks the schema on render
+    with pytest.raises(Exception, match="replica"):
+        _render({"operator": {"replica": 2}})  # a misspelt value is refused, not ignored
+
+
+def test_notes_tell_the_next_command():
+    out = helm.Chart.load(str(CHART)).render({}, name="ms", namespace="moeshard-system", is_install=True)
+    notes = next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+    assert "rollout status statefulset/ms-moeshard-operator" in notes and "kubectl apply -f" in notes
+
+
 @pytest.mark.parametrize("values", [
     {},
     {"operator": {"watch": {"allNamespaces": False, "namespaces": ["team-a", "team-b"]}}},
@@ -44,7 +85,7 @@ def test_chart_lints_clean():
 def test_chart_renders_valid_objects(values, check_builtin):
     objs = _render(values)
     kinds = sorted({o["kind"] for o in objs})
-    assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= set(kinds)
+    assert {"StatefulSet", "Service", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= set(kinds)
     for obj in objs:
         if obj["kind"] not in ("ClusterKopfPeering", "KopfPeering"):
             check_builtin(obj)
@@ -71,15 +112,15 @@ def test_rbac_covers_every_kind_the_operator_writes():
 
 def test_chart_args_match_the_command_line():
     deployment = next(o for o in _render({"operator": {"watch": {"allNamespaces": False, "namespaces": ["a", "b"]}}})
-                      if o["kind"] == "Deployment")
+                      if o["kind"] == "StatefulSet")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     parser = argparse.ArgumentParser()
     run_operator.configure(parser)
-    args = parser.parse_args(container["args"])
+    args = parser.parse_args([a.replace("$(POD_INDEX)", "1") for a in container["args"]])
     kwargs = run_operator.operator_kwargs(args)
     assert kwargs["namespaces"] == ["a", "b"] and not kwargs["clusterwide"]
     assert kwargs["peering_name"] == "moeshard" and not kwargs["standalone"]
-    assert kwargs["memo"].config.peering_mandatory
+    assert kwargs["memo"].config.peering_mandatory and kwargs["priority"] == -1  # pod 1: below pod 0
 
 
 def test_command_scope_and_peering_options():

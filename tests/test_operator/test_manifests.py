@@ -239,7 +239,7 @@ def test_hf_weights_are_fetched_by_an_init_container_with_the_token_secret(check
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in fetch["env"]
     model_volume = next(v for v in pod["volumes"] if v["name"] == "model")
     assert "emptyDir" in model_volume
-    assert fetch["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
+    assert fetch["volumeMounts"] == [{"name": "model", "mountPath": "/models"}, {"name": "tmp", "mountPath": "/tmp"}]
 
 
 def test_pvc_weights_need_no_fetch(example):

@@ -23,6 +23,7 @@ from support.kube_emulator import stale_list_reaction
 NS = "test"
 GROUP, VERSION, PLURAL = "moeshard.io", "v1alpha1", "moedeployments"
 STS, SVC, PDB, CM, PODS = "apps/v1/statefulsets", "v1/services", "policy/v1/poddisruptionbudgets", "v1/configmaps", "v1/pods"
+NETPOL = "networking.k8s.io/v1/networkpolicies"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -92,7 +93,8 @@ def test_create_then_no_op_reconcile_makes_no_write(kube, custom, emulator, exam
     assert sorted(emulator.objects(SVC, NS)) == ["tiny", "tiny-r0-ranks", "tiny-r1-ranks"]
     assert sorted(emulator.objects(PDB, NS)) == ["tiny-r0", "tiny-r1"]
     assert sorted(emulator.objects(CM, NS)) == ["tiny-config"]
-    assert len([e for e in outcome.events if e[1] == "Created"]) == 8  # an Event for every action
+    assert sorted(emulator.objects(NETPOL, NS)) == ["tiny-r0", "tiny-r1"]  # the example asks for them
+    assert len([e for e in outcome.events if e[1] == "Created"]) == 10  # an Event for every action
     uid = _live(custom)["metadata"]["uid"]
     for resource in (STS, SVC, PDB, CM):
         for obj in emulator.objects(resource, NS).values():
@@ -309,9 +311,9 @@ def test_cleanup_deletes_every_child(kube, custom, emulator, example, check_moed
     _settle(kube, custom, emulator)
     _fail_pod(kube, 0)
     outcome = cleanup(kube, _live(custom))
-    for resource in (STS, SVC, PDB, CM, PODS):
+    for resource in (STS, SVC, PDB, CM, PODS, NETPOL):
         assert emulator.objects(resource, NS) == {}
-    assert len([e for e in outcome.events if e[1] == "Deleted"]) == 8
+    assert len([e for e in outcome.events if e[1] == "Deleted"]) == 10
 
 
 # --------------------------------------------------------------------------- fuzz
