@@ -59,7 +59,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def load_resource(path: str) -> dict[str, Any]:
     """The first MoEDeployment document of a YAML file; SpecError names the file when there is none."""
-    text = Path(path).read_text()
+    from .render import read_input
+
+    text = read_input(path)
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
