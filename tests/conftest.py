@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.register_profile(
-    "dev", database=DirectoryBasedExampleDatabase(str(ROOT / ".hypothesis" / "examples")), deadline=None,
+    "dev", derandomize=False, database=DirectoryBasedExampleDatabase(str(ROOT / ".hypothesis" / "examples")),
+    deadline=None,
     print_blob=True,
 )
 

@@ -412,3 +412,34 @@ def test_compute_domain_and_group_kind_changes(kube, custom, emulator, example, 
     _reconcile(kube, custom)
     assert emulator.objects(domains, NS) == {}
     assert emulator.objects(STS, NS) == {} and sorted(emulator.objects(lws, NS)) == ["tiny-r0"]
+
+
+# --------------------------------------------------------------------------- 422 on a child
+
+
+def test_rejected_group_rolls_back_its_objects_and_says_apply_rejected(kube, custom, emulator, example, check_moed):
+    """A StatefulSet the API server refuses (an admission policy here) leaves no half group: the objects this
+    pass created are deleted again, the conditions name the object and the server's message, no retry loop."""
+    from support.kube_admission import Cause
+
+    policy = {"on": True}
+
+    def refuse(plural, obj):
+        return [Cause("FieldValueForbidden", "spec", "denied by policy")] if policy["on"] and plural == "statefulsets" \
+            else []
+
+    emulator.call(lambda em: em.admission.policies.append(refuse))
+    _create(custom, check_moed(example("tiny-cpu")))
+    outcome = _reconcile(kube, custom)
+    assert outcome.rejected == 'StatefulSet tiny-r0: StatefulSet.apps "tiny-r0" is invalid: spec: denied by policy'
+    for resource in (STS, SVC, PDB, CM):
+        assert emulator.objects(resource, NS) == {}, resource
+    status = _live(custom)["status"]
+    assert status["phase"] == "Failed"
+    progressing = _conditions(custom)["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("False", "ApplyRejected")
+    assert "StatefulSet tiny-r0" in progressing["message"] and "denied by policy" in progressing["message"]
+    assert ("Warning", "ApplyRejected") in {e[:2] for e in outcome.events}
+    policy["on"] = False  # the policy changes: the next reconcile (resync) deploys
+    assert _reconcile(kube, custom).rejected is None
+    assert sorted(emulator.objects(STS, NS)) == ["tiny-r0"]
