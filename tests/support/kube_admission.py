@@ -35,8 +35,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import functools
+
 import celpy
 import kubernetes_validate
+import kubernetes_validate.utils
+
+# kubernetes-validate re-reads its JSON schema files (the 1.33 definitions are megabytes) on every call;
+# the emulator validates every write, so keep them in memory (the dicts are only read).
+if not hasattr(kubernetes_validate.utils.schema_contents, "cache_info"):
+    kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(
+        kubernetes_validate.utils.schema_contents)
 
 _TYPES: dict[str, tuple[type, ...]] = {"object": (dict,), "array": (list,), "string": (str,),
                                        "integer": (int,), "number": (int, float), "boolean": (bool,)}

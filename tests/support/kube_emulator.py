@@ -484,8 +484,11 @@ class OperatorThread:
             raise RuntimeError("kopf did not stop")
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15, interval: float = 0.05, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout`` seconds."""
+def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout`` seconds.
+
+    The default is generous (a loaded CI machine); a passing test returns as soon as the predicate holds.
+    """
     import time
 
     deadline = time.monotonic() + timeout
