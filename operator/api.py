@@ -14,9 +14,12 @@ serialise with ``model_dump(by_alias=True, exclude_none=True)``.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema,
+    field_validator, model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from moeshard.core.architectures import ARCHITECTURES, PRESETS, ModelArchitecture, get_preset
@@ -48,9 +51,55 @@ def parse_duration(text: str) -> float:
     return sum(int(n) * _DURATION_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
 
 
+# Patterns of the API server's own validation (apimachinery's validation package and resource.Quantity).
+# Each is checked here and written into the CRD, so Python, the CRD and the server refuse the same values.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"  # at most 63 characters
+MAX_LABEL_VALUE_LENGTH = 63
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # namespaces; at most 63 characters
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # at most 253
+MAX_DNS_SUBDOMAIN_LENGTH = 253
+# Label and annotation keys: an optional DNS-subdomain prefix and "/", then a name of at most 63 characters.
+QUALIFIED_NAME_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+MAX_QUALIFIED_NAME_LENGTH = 317  # a 253-character prefix, "/", a 63-character name
+# resource.Quantity without a sign (requests and limits must not be negative): 500m, 8, 64Gi, 1.5, 1e3.
+QUANTITY_PATTERN = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _quantity(value: Any) -> Any:
+    """An int >= 0 or a Kubernetes quantity string, as the string the manifests carry."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"must be a Kubernetes quantity such as 8, 500m or 64Gi (an integer or a string), "
+                         f"got {type(value).__name__} {value!r}")
+    text = str(value)
+    if not re.fullmatch(QUANTITY_PATTERN, text):
+        raise ValueError(f"{text!r} is not a Kubernetes quantity such as 8, 500m or 64Gi (no spaces; "
+                         "binary suffixes Ki Mi Gi Ti, decimal k M G T)")
+    return text
+
+
+# x-kubernetes-int-or-string with the quantity pattern, as Kubernetes' own schemas write a Quantity.
+Quantity = Annotated[str, BeforeValidator(_quantity), WithJsonSchema(
+    {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})]
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN, max_length=MAX_LABEL_VALUE_LENGTH)]
+DnsSubdomain = Annotated[str, StringConstraints(pattern=DNS_SUBDOMAIN_PATTERN, max_length=MAX_DNS_SUBDOMAIN_LENGTH)]
+
+
+def check_qualified_names(keys: Any, what: str) -> None:
+    """Raise ValueError for the first key that is not a Kubernetes qualified name (label/annotation key)."""
+    for key in keys:  # the CEL twin: crd.py qualified_keys_rule
+        if not re.fullmatch(QUALIFIED_NAME_PATTERN, key) or len(key) > MAX_QUALIFIED_NAME_LENGTH:
+            raise ValueError(f"{what} key {key!r} is not a qualified name ([prefix/]name: letters, digits, "
+                             "'-', '_', '.', starting and ending alphanumeric, name at most 63 characters)")
+
+
 class _Section(BaseModel):
+    # strict: an integer field refuses true and "2", a string field refuses 2, as the API server does.
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True, strict=True
     )
 
 
@@ -270,9 +319,10 @@ class LoadBalancingSpec(_Section):
 class Toleration(_Section):
     """A Kubernetes toleration (core/v1 Toleration)."""
 
-    key: str | None = Field(None, description="Taint key to tolerate.")
+    key: str | None = Field(None, pattern=QUALIFIED_NAME_PATTERN, max_length=MAX_QUALIFIED_NAME_LENGTH,
+                            description="Taint key to tolerate (a label key).")
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal.")
-    value: str | None = Field(None, description="Taint value for operator Equal.")
+    value: LabelValue | None = Field(None, description="Taint value for operator Equal (a label value).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect.")
     toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
 
@@ -280,10 +330,16 @@ class Toleration(_Section):
 class Scheduling(_Section):
     """Where engine pods may run."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels every engine pod requires.")
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict, description="Node labels every engine pod requires (label keys and values)."
+    )
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU node taints.")
-    priority_class_name: str | None = Field(None, description="PriorityClass of engine pods.")
-    kueue_queue: str | None = Field(None, description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name).")
+    priority_class_name: DnsSubdomain | None = Field(
+        None, description="PriorityClass of engine pods (a lowercase DNS subdomain, e.g. high-priority)."
+    )
+    kueue_queue: LabelValue | None = Field(
+        None, description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name, so a label value)."
+    )
     topology_annotations: dict[str, str] = Field(
         default_factory=dict,
         description="Extra pod-template annotations for topology-aware schedulers "
@@ -294,12 +350,24 @@ class Scheduling(_Section):
         description="Claim an NVIDIA DRA ComputeDomain per replica so a multi-node NVLink group gets IMEX channels.",
     )
 
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        check_qualified_names(value, "nodeSelector")
+        return value
+
+    @field_validator("topology_annotations")
+    @classmethod
+    def _annotation_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        check_qualified_names(value, "topologyAnnotations")
+        return value
+
 
 class Resources(_Section):
     """Non-GPU resources of each engine pod (GPUs come from the plan)."""
 
-    cpu: str = Field("8", description="CPU request and limit per pod.")
-    memory: str = Field("64Gi", description="Memory request and limit per pod.")
+    cpu: Quantity = Field("8", description="CPU request and limit per pod (a quantity: 8, 7500m).")
+    memory: Quantity = Field("64Gi", description="Memory request and limit per pod (a quantity: 64Gi, 500Mi).")
 
 
 class RestartBudget(_Section):
@@ -565,6 +633,21 @@ def _error_path(error: dict[str, Any], prefix: str) -> str:
     return ".".join(parts)
 
 
+# pydantic's strict type errors, in the API server's words ("must be of type integer").
+_TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean (true or false)",
+               "string_type": "a string", "dict_type": "an object", "list_type": "a list",
+               "model_type": "an object", "model_attributes_type": "an object"}
+
+
+def _json_type(value: Any) -> str:
+    """The YAML/JSON type name of a parsed value, for error messages."""
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                       (dict, "object"), (list, "list"), (type(None), "null")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
 def parse_spec(spec: Any, prefix: str = "spec") -> MoEDeploymentSpec:
     """Validate a spec dict; raise SpecError naming the first bad field in one line."""
     if not isinstance(spec, dict):
@@ -578,6 +661,10 @@ def parse_spec(spec: Any, prefix: str = "spec") -> MoEDeploymentSpec:
             message = "unknown field"
         elif error["type"] == "missing":
             message = "required field is missing"
+        elif error["type"] == "string_pattern_mismatch":
+            message = f"{error.get('input')!r} does not match the pattern {error['ctx']['pattern']}"
+        elif error["type"] in _TYPE_NAMES:
+            message = f"must be {_TYPE_NAMES[error['type']]}, got {_json_type(error.get('input'))} {error.get('input')!r}"
         return_path = _error_path(error, prefix)
         # A validator that names its field ("parallelism.expertEP (12) must ...") need not say it twice.
         local = return_path.removeprefix(prefix + ".")
@@ -600,12 +687,23 @@ def parse_resource(body: Any) -> MoEDeploymentSpec:
             "metadata.name",
             f"must be a lowercase DNS label starting with a letter, at most {MAX_NAME_LENGTH} characters, got {name!r}",
         )
+    namespace = body["metadata"].get("namespace")
+    if namespace is not None:
+        check_namespace(namespace, "metadata.namespace")
     return parse_spec(body.get("spec"))
+
+
+def check_namespace(namespace: Any, field: str) -> str:
+    """A namespace name (lowercase RFC 1123 label, at most 63 characters); SpecError naming ``field``."""
+    if not isinstance(namespace, str) or not re.fullmatch(DNS_LABEL_PATTERN, namespace) or len(namespace) > 63:
+        raise SpecError(field, f"must be a lowercase DNS label (a-z, 0-9, '-'; at most 63 characters), "
+                               f"got {namespace!r}")
+    return namespace
 
 
 __all__ = [
     "API_VERSION", "ARCHITECTURES", "GROUP", "KIND", "PLURAL", "SHORT_NAMES", "SINGULAR", "VERSION",
     "ArchitectureFields", "AutoscalingSpec", "AutoscalingTarget", "Condition", "CustomHardware", "EngineSpec", "HardwareSpec", "LoadBalancingSpec",
     "MoEDeploymentSpec", "MoEDeploymentStatus", "ModelSpec", "ParallelismSpec", "PlanStatus", "SpecError",
-    "WorkloadSpec", "parse_duration", "parse_resource", "parse_spec",
+    "WorkloadSpec", "check_namespace", "parse_duration", "parse_resource", "parse_spec",
 ]

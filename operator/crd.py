@@ -15,8 +15,11 @@ from typing import Any
 
 import yaml
 
+from pydantic import BaseModel
+
 from .api import (
-    AUTOSCALING_TARGETS, ENGINE_ARCHITECTURES, MAX_STABILIZATION_SECONDS, GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
+    AUTOSCALING_TARGETS, ENGINE_ARCHITECTURES, GROUP, KIND, MAX_NAME_LENGTH, MAX_QUALIFIED_NAME_LENGTH,
+    MAX_STABILIZATION_SECONDS, NAME_PATTERN, PLURAL, QUALIFIED_NAME_PATTERN, SHORT_NAMES, SINGULAR, VERSION,
     MoEDeploymentSpec, MoEDeploymentStatus,
 )
 from moeshard.core.engine_env import RENDEZVOUS_PORT
@@ -31,6 +34,17 @@ NAME_RULE = {
     "message": f"metadata.name must be a lowercase DNS label starting with a letter, at most {MAX_NAME_LENGTH} "
                "characters (child objects and Services take this name)",
 }
+
+
+def qualified_keys_rule(field: str) -> dict[str, str]:
+    """CEL twin of api.check_qualified_names: every key of the map ``field`` is a label/annotation key."""
+    pattern = QUALIFIED_NAME_PATTERN.replace("\\", "\\\\")  # a CEL string literal escapes backslashes
+    return {
+        "rule": f"!has(self.{field}) || self.{field}.all(k, k.matches('{pattern}') && "
+                f"size(k) <= {MAX_QUALIFIED_NAME_LENGTH})",
+        "message": f"{field} keys must be qualified names ([prefix/]name, name at most 63 characters)",
+        "fieldPath": f".{field}",
+    }
 
 
 def _cel_list(values) -> str:
@@ -134,6 +148,7 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".custom.gpusPerDomain",
         },
     ],
+    "spec.engine.scheduling": [qualified_keys_rule("nodeSelector"), qualified_keys_rule("topologyAnnotations")],
     "spec.parallelism": [
         {
             "rule": "!has(self.attentionTP) || !has(self.expertEP) || self.expertEP % self.attentionTP == 0",
@@ -213,8 +228,23 @@ def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
     return node
 
 
+def _default_sections(model: type[BaseModel], schema: dict[str, Any]) -> None:
+    """``default: {}`` on every section built by a default factory, recursively.
+
+    The API server then fills a missing section with its fields' defaults, so
+    ``.spec.parallelism.replicas`` (the scale subresource, the DP column) always has a value.
+    """
+    for name, info in model.model_fields.items():
+        factory = info.default_factory
+        if isinstance(factory, type) and issubclass(factory, BaseModel):
+            node = schema["properties"][info.alias or name]
+            node["default"] = {}
+            _default_sections(factory, node)
+
+
 def spec_schema() -> dict[str, Any]:
     schema = _schema_of(MoEDeploymentSpec)
+    _default_sections(MoEDeploymentSpec, schema)
     for path, rules in SPEC_RULES.items():
         _at({"properties": {"spec": schema}}, "x." + path).setdefault("x-kubernetes-validations", []).extend(
             copy.deepcopy(rules)

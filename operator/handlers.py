@@ -25,7 +25,21 @@ Reconcile steps:
   5. delete everything of the groups at index >= replicas (scale down); with
      spec.autoscaling a group is drained first (see ``drain_groups``), and the
      HPA / KEDA ScaledObject is applied (or deleted when the section goes);
-  6. write status (only when it changed).
+  6. write status (only when it changed), with the spec just applied
+     (``status.appliedSpec``: a later bad spec is diffed against it).
+
+Refusals:
+  * a bad or unplannable spec while groups of an earlier spec still serve:
+    nothing is touched, phase Degraded, Available from the live groups, and
+    the conditions name the field that changed since the applied spec
+    (``spec_change_note``), not only the field the validator tripped on;
+  * a child the API server refuses (422 Invalid, e.g. a value an admission
+    policy or a newer server rejects): every object this pass created is
+    deleted again (so no half group or orphan Service/PDB is left), the
+    conditions say ``ApplyRejected`` with the object and the server's
+    message, and the handler stops retrying the generation
+    (kopf.PermanentError); the resync daemon tries again every
+    ``resync_seconds`` (a policy may change), a spec change at once.
 """
 
 from __future__ import annotations
@@ -79,6 +93,7 @@ class Outcome:
 
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     invalid: SpecError | None = None
+    rejected: str | None = None  # "Kind name: server message" of a child the API server refused (422)
     settled: bool = False
     status: dict[str, Any] | None = None
 
@@ -139,13 +154,21 @@ class _Reconciler:
         self.generation: int = int(meta.get("generation") or 1)
         self.now = now
         self.outcome = Outcome()
+        self.created: list[dict[str, Any]] = []  # objects this pass created, for a rollback after a 422
 
     # ------------------------------------------------------------ helpers
     def event(self, reason: str, message: str, type_: str = "Normal") -> None:
         self.outcome.events.append((type_, reason, message))
 
     def apply(self, desired: dict[str, Any], live: dict[str, Any] | None, force: bool = False) -> dict[str, Any]:
-        result = self.kube.apply(desired, live, force=force)
+        try:
+            result = self.kube.apply(desired, live, force=force)
+        except KubeError as exc:
+            if exc.status == 422:
+                raise _Rejected(desired, exc) from exc
+            raise
+        if result.action == "created":
+            self.created.append(result.obj | {"kind": desired["kind"]})
         if result.action != "unchanged":
             self.event(result.action.capitalize(), f"{result.action} {desired['kind']} {desired['metadata']['name']}")
         return result.obj
@@ -178,9 +201,33 @@ class _Reconciler:
     # ------------------------------------------------------------ steps
     def invalid(self, exc: SpecError) -> Outcome:
         self.outcome.invalid = exc
-        self.event("InvalidSpec", str(exc), "Warning")
-        self.write_status(Observation(generation=self.generation, invalid_field=exc.field,
-                                      invalid_message=exc.message))
+        status = self.body.get("status") or {}
+        changed = spec_change_note(_applied_spec(status), self.body.get("spec"), exc)
+        field_name, message = changed if changed else (exc.field, exc.message)
+        self.event("InvalidSpec", f"{field_name}: {message}", "Warning")
+        serving = self.live_groups()
+        self.write_status(Observation(
+            generation=self.generation, invalid_field=field_name, invalid_message=message,
+            replicas=int(status.get("replicas") or 0) if serving else 0,
+            ready=sum(_group_ready(g, _group_pods(g)) for g in serving), serving=len(serving)))
+        return self.outcome
+
+    def live_groups(self) -> list[dict[str, Any]]:
+        """The replica groups (either kind) that exist now, e.g. from an earlier, valid spec."""
+        return [g for kind in ("StatefulSet", "LeaderWorkerSet") for g in self.children(kind)]
+
+    def rejected(self, exc: "_Rejected", obs: dict[str, Any]) -> Outcome:
+        """A child was refused (422): undo this pass's creations, say so in status, keep the rest."""
+        for obj in reversed(self.created):
+            if obj["metadata"]["name"] != exc.name or obj["kind"] != exc.kind:
+                self.delete(obj, f"rolled back: {exc.kind} {exc.name} was rejected")
+        self.outcome.rejected = f"{exc.kind} {exc.name}: {exc.message}"
+        self.event("ApplyRejected", self.outcome.rejected, "Warning")
+        serving = self.live_groups()
+        self.write_status(Observation(
+            **obs, ready=sum(_group_ready(g, _group_pods(g)) for g in serving),
+            serving=len(serving), failed_reason="ApplyRejected",
+            failed_message=f"the API server refused {self.outcome.rejected}"))
         return self.outcome
 
     def config_map(self, d: Deployment, live: dict[str, Any] | None) -> None:
@@ -243,6 +290,13 @@ class _Reconciler:
                                           "leaderworkerset.x-k8s.io CRD, which this cluster does not serve"))
             return self.outcome
 
+        try:
+            return self.apply_children(d, spec, obs)
+        except _Rejected as exc:
+            return self.rejected(exc, obs)
+
+    def apply_children(self, d: Deployment, spec: Any, obs: dict[str, Any]) -> Outcome:
+        """Steps 2-6 for a valid, planned spec; raises _Rejected when the API server refuses a child."""
         # 2. children
         live = _Children(
             config_maps=self.named("ConfigMap"), services=self.named("Service"),
@@ -290,7 +344,8 @@ class _Reconciler:
 
         # 6. status
         unschedulable = self.unschedulable(live.pods)
-        self.write_status(Observation(**obs, **counts, draining=len(draining), unschedulable_message=unschedulable))
+        self.write_status(Observation(**obs, **counts, draining=len(draining), unschedulable_message=unschedulable,
+                                      applied_spec=self.body.get("spec")))
         self.outcome.settled = (counts["ready"] == d.replicas and not (
             counts["missing"] or counts["outdated"] or counts["restarted"] or draining)) or bool(
             counts["failed_reason"])
@@ -451,6 +506,60 @@ class _Reconciler:
         return counts | {"ready": len(serving), "group_restarts": history}
 
 
+class _Rejected(Exception):
+    """The API server refused a child object (HTTP 422 Invalid)."""
+
+    def __init__(self, desired: dict[str, Any], error: KubeError):
+        super().__init__(str(error))
+        self.kind = desired["kind"]
+        self.name = desired["metadata"]["name"]
+        self.message = error.message
+
+
+def _group_pods(group: dict[str, Any]) -> int:
+    """Pods a live group needs ready (a StatefulSet's replicas; a LeaderWorkerSet counts groups)."""
+    return int((group.get("spec") or {}).get("replicas") or 1)
+
+
+def _applied_spec(status: dict[str, Any]) -> Any:
+    """``status.appliedSpec`` (a JSON string written by compute_status), or None."""
+    try:
+        return json.loads(status.get("appliedSpec") or "null")
+    except (TypeError, ValueError):
+        return None
+
+
+def _leaves(value: Any, path: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out |= _leaves(sub, f"{path}.{key}")
+        return out
+    return {path: value}
+
+
+def spec_change_note(applied: Any, new: Any, exc: SpecError) -> tuple[str, str] | None:
+    """(field, message) naming what changed since the last applied spec, when the error's own field did not.
+
+    ``applied`` is ``status.appliedSpec``; None when nothing was applied yet
+    (then the validator's field is the answer). A planner error names the
+    constraint it tripped on (``spec.parallelism.expertEP``) even when the
+    user changed another field (``spec.workload.contextLength``): the
+    condition then names the changed fields first.
+    """
+    if not isinstance(applied, dict) or not isinstance(new, dict):
+        return None
+    before, after = _leaves(applied, "spec"), _leaves(new, "spec")
+    changed = sorted(k for k in set(before) | set(after) if before.get(k, _MISSING) != after.get(k, _MISSING))
+    if not changed or any(k == exc.field or k.startswith(exc.field + ".") for k in changed):
+        return None
+    detail = ", ".join(f"{k} ({before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r})" for k in changed[:3])
+    return changed[0], f"changed since the applied spec ({detail}); the new spec is refused: {exc}"
+
+
+_MISSING = object()
+
+
 @dataclass
 class _Children:
     """The live children of one MoEDeployment, by name (pods as a list)."""
@@ -539,6 +648,8 @@ async def reconcile_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         raise kopf.TemporaryError(str(exc), delay=_config(memo).error_delay_seconds) from exc
     if outcome.invalid is not None:
         raise kopf.PermanentError(str(outcome.invalid))
+    if outcome.rejected is not None:  # retried by the resync daemon, not every error_delay_seconds
+        raise kopf.PermanentError(f"ApplyRejected: {outcome.rejected}")
 
 
 async def resync(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
@@ -554,7 +665,8 @@ async def resync(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, 
             logger.warning("resync of %s failed: %s", body["metadata"]["name"], exc)
             delay = config.error_delay_seconds
             continue
-        delay = config.resync_seconds if (outcome.settled or outcome.invalid) else config.progress_seconds
+        stop = outcome.settled or outcome.invalid or outcome.rejected
+        delay = config.resync_seconds if stop else config.progress_seconds
 
 
 async def delete_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

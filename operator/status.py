@@ -9,7 +9,9 @@ below; the balancer owns Balanced, MetricsAvailable and the placement fields.
 reconcile that changes nothing produces an identical status (and no write).
 
 Phase, first rule that matches:
-    Failed       the spec is invalid, or a group exhausted the restart budget
+    Degraded     the new spec is invalid, or a child of it was refused (ApplyRejected), while groups
+                 of an earlier spec still run (they are left as they are; Available counts them)
+    Failed       the spec is invalid, or a group exhausted the restart budget, or a child was refused
     Pending      nothing can be created yet (e.g. the LeaderWorkerSet CRD is missing)
     Ready        every desired group is up to date and ready
     Degraded     fewer groups ready than desired after having been Ready/Degraded
@@ -18,12 +20,13 @@ Phase, first rule that matches:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 OWNED_CONDITIONS = ("Planned", "Available", "Progressing", "Degraded", "Ready", "Reconciling", "Stalled")
 OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "plan", "replicas", "readyReplicas", "selector",
-                "groupRestarts", "drainingReplicas")
+                "groupRestarts", "drainingReplicas", "appliedSpec")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class Observation:
     group_restarts: list[dict[str, Any]] = field(default_factory=list)
     draining: int = 0  # groups above the desired count, drained before deletion (scale in)
     unschedulable_message: str = ""  # a pod unschedulable past the deadline: Stalled, not Failed
+    serving: int = 0  # live groups (of any spec) when the spec is refused; 0 otherwise
+    applied_spec: dict[str, Any] | None = None  # the spec this reconcile applied (status.appliedSpec)
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
@@ -61,7 +66,13 @@ def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) 
             "observedGeneration": generation}
 
 
+def _refused_while_serving(obs: Observation) -> bool:
+    return obs.serving > 0 and (obs.invalid_field is not None or obs.failed_reason == "ApplyRejected")
+
+
 def compute_phase(obs: Observation, previous_phase: str | None) -> str:
+    if _refused_while_serving(obs):
+        return "Degraded"
     if obs.invalid_field is not None or obs.failed_reason is not None:
         return "Failed"
     if obs.pending_reason is not None:
@@ -76,6 +87,17 @@ def compute_phase(obs: Observation, previous_phase: str | None) -> str:
 def compute_conditions(obs: Observation, phase: str) -> list[dict[str, Any]]:
     """The four owned conditions (without lastTransitionTime; merge_conditions adds it)."""
     gen = obs.generation
+    if obs.invalid_field is not None and obs.serving:
+        message = f"{obs.invalid_field}: {obs.invalid_message}"
+        ok = obs.ready >= 1
+        return [
+            _condition("Planned", False, "InvalidSpec", message, gen),
+            _condition("Available", ok, "MinimumReplicasAvailable" if ok else "MinimumReplicasUnavailable",
+                       f"{obs.ready}/{obs.serving} replica groups of the last applied spec ready", gen),
+            _condition("Progressing", False, "InvalidSpec", message, gen),
+            _condition("Degraded", True, "InvalidSpec",
+                       f"the new spec is refused; the groups of the last applied spec keep serving: {message}", gen),
+        ]
     if obs.invalid_field is not None:
         message = f"{obs.invalid_field}: {obs.invalid_message}"
         return [
@@ -189,6 +211,10 @@ def compute_status(obs: Observation, previous: dict[str, Any] | None, now: str) 
         status |= {"plan": obs.plan, "replicas": obs.replicas, "readyReplicas": obs.ready,
                    "selector": obs.selector, "groupRestarts": obs.group_restarts,
                    "drainingReplicas": obs.draining}
+    elif obs.serving:
+        status["readyReplicas"] = obs.ready
+    if obs.applied_spec is not None:  # a JSON string: a merge patch of a nested object would keep removed keys
+        status["appliedSpec"] = json.dumps(obs.applied_spec, sort_keys=True, separators=(",", ":"))
     return status
 
 

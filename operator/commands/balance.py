@@ -56,8 +56,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_json(path: str, flag: str) -> object:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    from ..api import SpecError
+    from .render import read_input
+
+    try:
+        text = read_input(path)
+    except SpecError as exc:  # a directory, a missing or unreadable file: one line
+        raise CommandError(f"{flag} {exc}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

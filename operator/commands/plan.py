@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from ..api import API_VERSION, KIND, SpecError, WorkloadSpec, parse_resource
 from moeshard.core.architectures import PRESETS, architecture_from_hf_config, get_preset
 from moeshard.core.hardware import PROFILES, get_profile
+from .render import read_input
 from ..planner import Candidate, Plan, PlanError, gemm_crossover_tokens, plan_for_spec, plan_parallelism
 
 DEFAULT_DEPLOYMENT = Path(__file__).resolve().parent.parent / "presets" / "default-deployment.yaml"
@@ -59,7 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def load_resource(path: str) -> dict[str, Any]:
     """The first MoEDeployment document of a YAML file; SpecError names the file when there is none."""
-    text = Path(path).read_text()
+    text = read_input(path)
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
@@ -110,7 +111,7 @@ def _plan_from_args(args: argparse.Namespace) -> Plan:
         model = get_preset(args.preset)
     else:
         try:
-            config = json.loads(Path(args.config).read_text())
+            config = json.loads(read_input(args.config))
         except json.JSONDecodeError as exc:
             raise SpecError(args.config, f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
         model = architecture_from_hf_config(config, name=Path(args.config).parent.name or "custom")

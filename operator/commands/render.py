@@ -23,10 +23,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="namespace when the file has none (default: 'default')")
 
 
+def read_input(path: str) -> str:
+    """The text of ``path`` ('-': stdin); a missing, unreadable or non-text file is one SpecError line."""
+    from ..api import SpecError
+
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except IsADirectoryError:
+        raise SpecError(path, "is a directory, not a file") from None
+    except FileNotFoundError:
+        raise SpecError(path, "no such file") from None
+    except PermissionError:
+        raise SpecError(path, "permission denied") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(path, f"is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise SpecError(path, f"cannot be read: {exc.strerror or exc}") from None
+
+
 def load_documents(path: str) -> list[Any]:
     from ..api import SpecError
 
-    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    text = read_input(path)
     try:
         return [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as exc:
@@ -43,8 +64,12 @@ def render_objects(body: dict[str, Any], namespace: str | None = None) -> list[d
     from ..manifests import build_all
     from ..planner import plan_for_spec
 
+    from ..api import check_namespace
+
     spec = parse_resource(body)
     meta = body["metadata"]
+    if namespace is not None:
+        check_namespace(namespace, "--namespace")
     deployment = Deployment(
         name=meta["name"], namespace=meta.get("namespace") or namespace or "default",
         uid=meta.get("uid") or PLACEHOLDER_UID, spec=spec, plan=plan_for_spec(spec),

@@ -6,13 +6,13 @@ import copy
 from pathlib import Path
 
 import celpy
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from moeshard.operator.api import SpecError, parse_resource, parse_spec
 from moeshard.operator.crd import SPEC_RULES, build_crd, crd_yaml
+from support.kube_admission import apply_defaults, schema_causes
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -67,6 +67,26 @@ BAD_SPECS = [
         "expertIntermediateSize": 32, "numAttentionHeads": 4, "numKVHeads": 2, "headDim": 16, "vocabSize": 128}}),
      "spec.model"),
 ]
+# Strict types and the API server's own patterns (issue 10): Python, the schema and CEL refuse them alike.
+BAD_SPECS += [
+    (_with(parallelism__replicas="2"), "spec.parallelism.replicas"),
+    (_with(parallelism__replicas=False), "spec.parallelism.replicas"),
+    (_with(parallelism__allowCrossDomain="true"), "spec.parallelism.allowCrossDomain"),
+    (_with(workload__contextLength="4096"), "spec.workload.contextLength"),
+    (_with(engine__resources__memory="256GB"), "spec.engine.resources.memory"),
+    (_with(engine__resources__cpu="32 cores"), "spec.engine.resources.cpu"),
+    (_with(engine__resources__cpu=0.5), "spec.engine.resources.cpu"),
+    (_with(engine__resources__cpu=True), "spec.engine.resources.cpu"),
+    (_with(engine__scheduling__kueueQueue="gpu queue"), "spec.engine.scheduling.kueueQueue"),
+    (_with(engine__scheduling__kueueQueue="q" * 64), "spec.engine.scheduling.kueueQueue"),
+    (_with(engine__scheduling__priorityClassName="High Priority"), "spec.engine.scheduling.priorityClassName"),
+    (_with(engine__scheduling__nodeSelector={"gpu": "H100 SXM"}), "spec.engine.scheduling.nodeSelector.gpu"),
+    (_with(engine__scheduling__nodeSelector={"gpu type": "h100"}), "spec.engine.scheduling.nodeSelector"),
+    (_with(engine__scheduling__topologyAnnotations={"-bad": "x"}), "spec.engine.scheduling.topologyAnnotations"),
+    (_with(engine__scheduling__tolerations=[{"key": "a b"}]), "spec.engine.scheduling.tolerations.0.key"),
+    (_with(engine__scheduling__tolerations=[{"value": "a b"}]), "spec.engine.scheduling.tolerations.0.value"),
+    (_with(hardware__custom={"memoryGB": True}), "spec.hardware.custom.memoryGB"),
+]
 UNKNOWN_FIELD = (_with(parallelism__expertEp=16), "spec.parallelism.expertEp")
 
 
@@ -120,7 +140,7 @@ def test_crd_schema_is_structural_and_explained():
     for path, node in _walk(schema):
         assert "$ref" not in node and "anyOf" not in node and "allOf" not in node, path
         if path != "$.metadata" and not path.endswith("{}"):
-            assert node.get("type"), f"{path} has no type"
+            assert node.get("type") or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
         if path.startswith(("$.spec", "$.status")) and not path.endswith("[]") and not path.endswith("{}"):
             assert node.get("description"), f"{path} has no description (kubectl explain)"
 
@@ -142,8 +162,9 @@ def _cel_failures(spec: dict) -> list[str]:
 
 
 def _schema_errors(spec: dict) -> list[str]:
-    validator = jsonschema.Draft4Validator(_crd_schema()["properties"]["spec"])
-    return [e.message for e in validator.iter_errors(spec)]
+    """The structural schema in the API server's dialect (int-or-string, defaults) -- not plain JSON Schema."""
+    schema = _crd_schema()["properties"]["spec"]
+    return [c.message for c in schema_causes(apply_defaults(copy.deepcopy(spec), schema), schema, "spec")]
 
 
 @pytest.mark.parametrize("spec, field", BAD_SPECS)
@@ -178,3 +199,49 @@ def test_name_rule_in_python_and_cel_agree(name, ok):
         python_ok = False
         assert exc.field == "metadata.name"
     assert cel_ok == python_ok == ok
+
+
+KEYS = [("nvidia.com/gpu.product", True), ("gpu", True), ("a.b-c_d", True), ("example.com/" + "n" * 63, True),
+        ("gpu type", False), ("-gpu", False), ("Example.com/gpu", False), ("n" * 64, False), ("a/b/c", False),
+        ("example.com/", False), ("x" * 320 + ".io/n", False)]
+
+
+@pytest.mark.parametrize("key, ok", KEYS, ids=lambda v: str(v)[:20])
+def test_qualified_key_rule_in_python_and_cel_agree(key, ok):
+    spec = _with(engine__scheduling__nodeSelector={key: "v"})
+    try:
+        parse_spec(spec)
+        python_ok = True
+    except SpecError as exc:
+        python_ok = False
+        assert exc.field == "spec.engine.scheduling.nodeSelector"
+    cel_ok = not _cel_failures(spec)
+    assert python_ok == cel_ok == ok
+
+
+VALUES = [("8", True), (8, True), ("500m", True), ("64Gi", True), ("1.5", True), ("1e3", True), ("0", True),
+          ("256GB", False), ("32 cores", False), ("-1", False), ("", False), (0.5, False), (True, False), ("Gi", False)]
+
+
+@pytest.mark.parametrize("value, ok", VALUES, ids=repr)
+def test_quantity_in_python_and_schema_agree(value, ok):
+    spec = _with(engine__resources__memory=value)
+    try:
+        parse_spec(spec)
+        python_ok = True
+    except SpecError as exc:
+        python_ok = False
+        assert exc.field == "spec.engine.resources.memory"
+    assert python_ok == (not _schema_errors(spec)) == ok
+
+
+def test_every_section_defaults_to_an_empty_object_in_the_crd():
+    """default: {} so the API server fills a missing section (scale subresource, printer columns)."""
+    spec = _crd_schema()["properties"]["spec"]
+    for section in ("parallelism", "workload", "loadBalancing", "engine"):
+        assert spec["properties"][section]["default"] == {}, section
+    for section in ("resources", "scheduling", "restartBudget"):
+        assert spec["properties"]["engine"]["properties"][section]["default"] == {}, section
+    minimal = apply_defaults(copy.deepcopy(BASE), spec)
+    assert minimal["parallelism"]["replicas"] == 1
+    assert parse_spec(minimal) == parse_spec(BASE)  # the CRD's defaults are the models' defaults

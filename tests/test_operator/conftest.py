@@ -4,14 +4,16 @@ kopf runs in a thread with its own event loop (``OperatorThread``), not in the
 test's loop, so looptime does not apply; the fast settings below (0.2 s
 between re-reconciles while progressing) keep its timers cheap instead.
 
-Every MoEDeployment a test sends is checked against the CRD's own
-openAPIV3Schema first (the emulator does not validate), and every built-in
-object the operator wrote can be checked with kubernetes-validate.
+The emulator admits like an API server (support/kube_admission.py): the
+CRD's schema with defaults and CEL rules, built-in kinds through
+kubernetes-validate. ``create_unadmitted`` plays an object that got past a
+looser CRD, for the operator's own refusal.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import pathlib
 from typing import Any, Callable, Iterator
 
@@ -103,6 +105,34 @@ def emulator(crd: dict[str, Any]) -> Iterator[EmulatorThread]:
 
 
 @pytest.fixture
+def create_unadmitted(emulator: EmulatorThread) -> Callable[[Any, dict[str, Any]], tuple[str | None, dict[str, Any]]]:
+    """create_unadmitted(custom, body) -> (the emulator's 422 message or None, the created object).
+
+    First offers ``body`` to the emulator with admission on (what a real API
+    server would say), then creates it with admission off: the object an older
+    or looser CRD let in, for the operator to refuse.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    def create(custom: Any, body: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        refusal = None
+        try:
+            created = custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
+            return None, created
+        except ApiException as exc:
+            if exc.status != 422:
+                raise
+            refusal = json.loads(exc.body)["message"]
+        emulator.set_admission(False)
+        try:
+            return refusal, custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
+        finally:
+            emulator.set_admission(True)
+
+    return create
+
+
+@pytest.fixture
 def kubeconfig(emulator: EmulatorThread, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> str:
     path = emulator.write_kubeconfig(str(tmp_path))
     monkeypatch.setenv("KUBECONFIG", path)
@@ -124,7 +154,7 @@ def custom(api: client.ApiClient) -> client.CustomObjectsApi:
 
 @pytest.fixture
 def kube(api: client.ApiClient) -> Kube:
-    return Kube(api, timeout=5.0)
+    return Kube(api, timeout=30.0)  # generous: a loaded machine must not fail a test on time
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ import hypothesis.strategies as st
 import kmock
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import example as hypothesis_example
 
+from moeshard.operator.api import SpecError, parse_resource
 from moeshard.operator.handlers import cleanup, reconcile
+from moeshard.operator.planner import plan_for_spec
 from moeshard.operator.kube import KubeError
 from moeshard.core.placement import parse_placement
 from support.kube_emulator import stale_list_reaction
@@ -80,7 +83,8 @@ def _fail_pod(kube, replica: int, name: str = "tiny", owner_uid: str | None = No
     pod = kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
                        "spec": {"containers": [{"name": "engine", "image": "x"}]}})
     kube.patch("v1", "pods", NS, pod["metadata"]["name"], {"status": {
-        "phase": "Running", "containerStatuses": [{"name": "engine", "restartCount": 1}]}}, subresource="status")
+        "phase": "Running", "containerStatuses": [{"name": "engine", "restartCount": 1, "ready": False, "image": "x",
+                                                   "imageID": ""}]}}, subresource="status")
 
 
 # --------------------------------------------------------------------------- tests
@@ -226,14 +230,16 @@ def test_scale_down_and_up_through_the_scale_subresource(kube, custom, emulator,
     assert sorted(emulator.objects(SVC, NS)) == ["tiny"] and sorted(emulator.objects(CM, NS)) == ["tiny-config"]
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"spec.parallelism.expertEP": 5, "spec.parallelism.attentionTP": 1}, "spec.parallelism.expertEP"),
-    ({"spec.parallelism.surprise": 1}, "spec.parallelism.surprise"),  # unknown field
+@pytest.mark.parametrize("change, field, crd_refuses", [
+    ({"spec.parallelism.expertEP": 5, "spec.parallelism.attentionTP": 1}, "spec.parallelism.expertEP", True),
+    ({"spec.parallelism.surprise": 1}, "spec.parallelism.surprise", True),  # unknown field
     ({"spec.hardware.profile": "h100-hgx", "spec.model": {"preset": "qwen3-235b-a22b"},
-      "spec.parallelism": {"expertEP": 16}}, "spec.parallelism"),  # crosses the domain without permission
+      "spec.parallelism": {"expertEP": 16}, "spec.loadBalancing.redundantSlots": 0}, "spec.parallelism", False),  # crosses the domain without permission
 ])
-def test_bad_spec_sets_a_condition_naming_the_field_and_creates_nothing(kube, custom, emulator, example, change, field):
-    _create(custom, example("tiny-cpu", **change))
+def test_bad_spec_sets_a_condition_naming_the_field_and_creates_nothing(kube, custom, emulator, example, change, field,
+                                                                        crd_refuses, create_unadmitted):
+    refusal, _ = create_unadmitted(custom, example("tiny-cpu", **change))
+    assert (refusal is not None) == crd_refuses, refusal
     outcome = _reconcile(kube, custom)
     assert outcome.invalid is not None and outcome.invalid.field.startswith(field)
     planned = _conditions(custom)["Planned"]
@@ -245,16 +251,32 @@ def test_bad_spec_sets_a_condition_naming_the_field_and_creates_nothing(kube, cu
         assert emulator.objects(resource, NS) == {}
 
 
-def test_bad_edit_of_a_running_deployment_changes_nothing(kube, custom, emulator, example, check_moed):
+@pytest.mark.parametrize("patch, named", [
+    ({"parallelism": {"expertEP": 5}}, "spec.parallelism.expertEP"),  # the CRD refuses it (CEL)
+    # the CRD lets it through, the planner refuses it naming expertEP; the user changed contextLength
+    ({"workload": {"contextLength": 2_000_000, "decodeBatch": 65536}}, "spec.workload.contextLength"),
+])
+def test_bad_edit_of_a_running_deployment_changes_nothing(kube, custom, emulator, example, check_moed, patch, named):
     _create(custom, check_moed(example("tiny-cpu")))
     _settle(kube, custom, emulator)
     before = {r: emulator.objects(r, NS) for r in (STS, SVC, PDB, CM)}
-    custom.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "tiny", {"spec": {"parallelism": {"expertEP": 5}}})
+    emulator.set_admission(False)  # play a spec the CRD let through
+    try:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "tiny", {"spec": patch})
+    finally:
+        emulator.set_admission(True)
     writes = kube.writes
-    _reconcile(kube, custom)
+    outcome = _reconcile(kube, custom)
+    assert outcome.invalid is not None
     assert kube.writes == writes + 1  # the status only
     assert {r: emulator.objects(r, NS) for r in before} == before
-    assert _live(custom)["status"]["plan"]["expertEP"] == 4  # the deployed plan stays reported
+    status = _live(custom)["status"]
+    assert status["plan"]["expertEP"] == 4  # the deployed plan stays reported
+    assert status["phase"] == "Degraded" and status["readyReplicas"] == 1  # the old group still serves
+    conditions = _conditions(custom)
+    assert conditions["Available"]["status"] == "True"
+    assert conditions["Degraded"]["status"] == "True" and conditions["Degraded"]["reason"] == "InvalidSpec"
+    assert conditions["Planned"]["message"].startswith(named + ": "), conditions["Planned"]["message"]
 
 
 def test_stale_list_conflict_is_retried(kube, custom, emulator, example, check_moed):
@@ -335,8 +357,15 @@ _paths = st.sampled_from([
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=st.lists(st.tuples(_paths, _values), min_size=1, max_size=3))
+@hypothesis_example(changes=[("spec.parallelism.replicas", 0)])  # scale to zero: valid, Ready at once
+@hypothesis_example(changes=[("spec.parallelism.replicas", False)])  # a boolean is not an integer (the API server agrees)
+@hypothesis_example(changes=[("spec.parallelism.replicas", "2")])
 def test_fuzz_no_spec_crashes_the_reconcile(kube, custom, emulator, example, changes):
+    """Whatever got past the CRD (admission off), the reconcile never raises, and the outcome follows the
+    oracle: a spec that parses and plans starts deploying (Ready at once for scale-to-zero), any other
+    spec is Failed with a condition naming a field and no child object."""
     emulator.call(lambda em: setattr(em, "history_limit", 50))  # kmock's request matching is O(history)
+    emulator.set_admission(False)
     body = example("tiny-cpu")
     body["metadata"]["name"] = next(_names)
     for path, value in changes:
@@ -347,12 +376,26 @@ def test_fuzz_no_spec_crashes_the_reconcile(kube, custom, emulator, example, cha
                 node[part] = {}
             node = node[part]
         node[leaf] = value
+    name = body["metadata"]["name"]
     _create(custom, body)
-    outcome = reconcile(kube, _live(custom, body["metadata"]["name"]))  # never raises for a bad spec
-    status = _live(custom, body["metadata"]["name"])["status"]
-    assert status["phase"] in ("Failed", "Progressing", "Pending")
-    if outcome.invalid is not None:
-        assert status["conditions"][0]["message"].startswith("spec") or status["conditions"][0]["message"].startswith("metadata")
+    live = _live(custom, name)
+    try:  # the oracle: the API models and the planner, on the stored object
+        replicas = plan_for_spec(parse_resource(live)).chosen.replicas
+    except SpecError:
+        replicas = None
+    outcome = reconcile(kube, live)  # never raises for a bad spec
+    status = _live(custom, name)["status"]
+    if replicas is None:
+        assert outcome.invalid is not None and status["phase"] == "Failed"
+        planned = next(c for c in status["conditions"] if c["type"] == "Planned")
+        assert planned["status"] == "False" and planned["message"].startswith(outcome.invalid.field + ": ")
+        assert outcome.invalid.field.startswith(("spec", "metadata"))
+        children = [n for r in (STS, SVC, PDB, CM) for n in emulator.objects(r, NS) if n == name or n.startswith(name + "-")]
+        assert children == []
+    else:
+        assert outcome.invalid is None
+        lws = live["spec"].get("engine", {}).get("groupKind") == "LeaderWorkerSet"  # no LWS CRD served here
+        assert status["phase"] == ("Pending" if lws else "Ready" if replicas == 0 else "Progressing")
 
 
 def test_compute_domain_and_group_kind_changes(kube, custom, emulator, example, check_moed):
@@ -371,3 +414,34 @@ def test_compute_domain_and_group_kind_changes(kube, custom, emulator, example, 
     _reconcile(kube, custom)
     assert emulator.objects(domains, NS) == {}
     assert emulator.objects(STS, NS) == {} and sorted(emulator.objects(lws, NS)) == ["tiny-r0"]
+
+
+# --------------------------------------------------------------------------- 422 on a child
+
+
+def test_rejected_group_rolls_back_its_objects_and_says_apply_rejected(kube, custom, emulator, example, check_moed):
+    """A StatefulSet the API server refuses (an admission policy here) leaves no half group: the objects this
+    pass created are deleted again, the conditions name the object and the server's message, no retry loop."""
+    from support.kube_admission import Cause
+
+    policy = {"on": True}
+
+    def refuse(plural, obj):
+        return [Cause("FieldValueForbidden", "spec", "denied by policy")] if policy["on"] and plural == "statefulsets" \
+            else []
+
+    emulator.call(lambda em: em.admission.policies.append(refuse))
+    _create(custom, check_moed(example("tiny-cpu")))
+    outcome = _reconcile(kube, custom)
+    assert outcome.rejected == 'StatefulSet tiny-r0: StatefulSet.apps "tiny-r0" is invalid: spec: denied by policy'
+    for resource in (STS, SVC, PDB, CM):
+        assert emulator.objects(resource, NS) == {}, resource
+    status = _live(custom)["status"]
+    assert status["phase"] == "Failed"
+    progressing = _conditions(custom)["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("False", "ApplyRejected")
+    assert "StatefulSet tiny-r0" in progressing["message"] and "denied by policy" in progressing["message"]
+    assert ("Warning", "ApplyRejected") in {e[:2] for e in outcome.events}
+    policy["on"] = False  # the policy changes: the next reconcile (resync) deploys
+    assert _reconcile(kube, custom).rejected is None
+    assert sorted(emulator.objects(STS, NS)) == ["tiny-r0"]

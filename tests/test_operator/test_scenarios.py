@@ -146,11 +146,14 @@ def test_bad_specs_get_conditions_while_good_ones_are_served(start_operator, cus
                                                              check_moed):
     start_operator()
     cross = example("tiny-cpu", **{"metadata.name": "cross", "spec.hardware.profile": "h100-hgx",
-                                   "spec.model": {"preset": "qwen3-235b-a22b"}, "spec.parallelism": {"expertEP": 16}})
+                                   "spec.model": {"preset": "qwen3-235b-a22b"}, "spec.parallelism": {"expertEP": 16},
+                                   "spec.loadBalancing.redundantSlots": 0})  # passes the CRD, not the planner
     unknown = example("tiny-cpu", **{"metadata.name": "unknown", "spec.parallelism.sharding": "auto"})
     good = check_moed(example("tiny-cpu", **{"metadata.name": "good"}))
     for body in (check_moed(cross), unknown, good):
+        emulator.set_admission(body is not unknown)  # the CRD refuses an unknown field: play a looser one
         custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+    emulator.set_admission(True)
     with ReadyController(kube, emulator):
         wait_for(_ready(custom, "good"), what="good Ready")
     for name, field in (("cross", "spec.parallelism"), ("unknown", "spec.parallelism.sharding")):
