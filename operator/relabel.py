@@ -18,7 +18,14 @@ Shape legend: L layers, E experts, G GPUs, S slots per GPU, N = G*S.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+
+def linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scipy's Hungarian solver, imported on first use: ``moeshard --help`` builds every subcommand's parser,
+    also in the engine image, which has no scipy (the operator extra's)."""
+    from scipy.optimize import linear_sum_assignment as solve
+
+    return solve(cost)
 
 
 def held(phy2log: np.ndarray, num_gpus: int, slots_per_gpu: int, num_experts: int) -> np.ndarray:

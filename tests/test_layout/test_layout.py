@@ -157,3 +157,21 @@ def test_wheel_contains_every_module(tmp_path):
     assert not missing, f"not in the wheel (list the subpackage in pyproject.toml): {missing}"
     assert any(n.endswith("entry_points.txt") for n in names)
     assert "moeshard/operator/presets/default-deployment.yaml" in names
+
+
+@pytest.mark.parametrize("image,absent", [
+    ("engine", ("scipy", "kopf", "kubernetes", "prometheus_api_client", "matplotlib")),
+    ("operator", ("torch", "triton", "transformers", "safetensors", "prometheus_client", "huggingface_hub")),
+])
+def test_cli_parser_builds_with_only_one_images_dependencies(image, absent):
+    """Every subcommand's parser is built at start, in both images: no command module may import the other
+    image's dependencies at module level (the engine image has no scipy or kopf, the operator image no torch)."""
+    code = (
+        "import sys\n"
+        f"for name in {absent!r}:\n"
+        "    sys.modules[name] = None\n"
+        "from moeshard.cli.main import build_parser\n"
+        "build_parser().format_help()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, f"{image} image: {result.stderr[-1500:]}"
