@@ -62,16 +62,6 @@ def attention_tp_problem(
     return None
 
 
-def kv_heads_per_rank(num_kv_heads: int, tp: int) -> tuple[int, int]:
-    """(KV heads each TP rank holds, replication factor of each KV head) under the rule above."""
-    problem = attention_tp_problem(tp, tp, num_kv_heads=num_kv_heads)
-    if problem:
-        raise ValueError(f"attention TP {problem}")
-    if tp <= num_kv_heads:
-        return num_kv_heads // tp, 1
-    return 1, tp // num_kv_heads
-
-
 def ranks_per_domain(ep: int, gpus_per_domain: int) -> int:
     """M: ranks of one EP group inside one NVLink domain (largest divisor of EP that fits a domain)."""
     if ep <= gpus_per_domain:

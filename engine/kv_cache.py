@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from moeshard.engine.kv_sizing import blocks_for_tokens
+from moeshard.core.kv_sizing import blocks_for_tokens
 
 DEFAULT_BLOCK_SIZE = 16
 

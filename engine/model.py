@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from moeshard.engine.comm import AllToAll
 from moeshard.engine.config import ModelConfig, ParallelConfig
 from moeshard.engine.kv_cache import KVPoolShape, PagedKVCache
-from moeshard.engine.kv_sizing import check_attention_tp, first_kv_head, kv_heads_per_rank
+from moeshard.core.kv_sizing import check_attention_tp, first_kv_head, kv_heads_per_rank
 from moeshard.engine.loading import PROGRESS_MIN_BYTES, CheckpointReader, maybe_progress
 from moeshard.engine.moe import MoELayer
 from moeshard.engine.paged_attention import PagedMetadata, paged_attention

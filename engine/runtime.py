@@ -25,7 +25,7 @@ from moeshard.engine.comm import LINK_CLASSES, make_all_to_all
 from moeshard.engine.config import ModelConfig, ParallelConfig
 from moeshard.engine.loading import CheckpointReader
 from moeshard.engine.executor import StepExecutor, TokenKeys
-from moeshard.engine.kv_sizing import blocks_for_tokens, kv_blocks_for_bytes, kv_bytes_per_token_per_rank
+from moeshard.core.kv_sizing import blocks_for_tokens, kv_blocks_for_bytes, kv_bytes_per_token_per_rank
 from moeshard.engine.model import MoEModel, build_model, load_local_experts
 from moeshard.engine.parallel import ProcessGroups, init_world
 from moeshard.engine.reload import PlacementMoveAborted, layer_transfers
@@ -139,7 +139,7 @@ class EngineRuntime:
 
     # -- stepping ---------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
-        """KV bytes one cached token takes on this rank (moeshard.engine.kv_sizing)."""
+        """KV bytes one cached token takes on this rank (moeshard.core.kv_sizing)."""
         cfg = self.config
         return kv_bytes_per_token_per_rank(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
                                            head_dim=cfg.head_dim, tp=self.parallel.tp_size,

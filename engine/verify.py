@@ -347,7 +347,7 @@ def check_verify_args(model_dir: str | Path, *, ep: int, tp: int, redundant_slot
     runtime's own prompt check).
     """
     from moeshard.engine.config import ModelConfig, ParallelConfig
-    from moeshard.engine.kv_sizing import check_attention_tp
+    from moeshard.core.kv_sizing import check_attention_tp
     from moeshard.engine.runtime import EngineRuntime, check_placement
     from moeshard.engine.sampling import GenerationDefaults
 

@@ -93,6 +93,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from moeshard.core.kv_sizing import kv_bytes_per_token_per_rank
 from moeshard.core.layout import attention_tp_problem, expert_ep_problem, ranks_per_domain
 from moeshard.core.layout import slots_per_gpu as layout_slots_per_gpu
 
@@ -264,18 +265,24 @@ def dispatch_cost(tokens: float, model: ModelArchitecture, hw: HardwareProfile, 
     return _Dispatch(intra, inter, transfer + 2 * per_message, transfer + per_message)
 
 
-def kv_replication(model: ModelArchitecture, tp: int) -> float:
-    """How many copies of each sequence's KV cache a TP group keeps, relative to one split copy."""
-    if model.kv_bytes_per_token_per_layer_override is not None:  # MLA latent: not split by heads
-        return float(tp)
-    return max(1.0, tp / model.num_kv_heads)
+def kv_bytes_per_token(model: ModelArchitecture, tp: int) -> float:
+    """Bytes one cached token takes in all layers, summed over its TP group.
+
+    The engine's own per-rank sizing (moeshard.core.kv_sizing) times TP: when
+    TP exceeds the KV heads each rank keeps one replicated head, so the group
+    holds max(TP, Hkv) heads. MLA (DeepSeek) keeps its whole latent on every
+    TP rank.
+    """
+    if model.kv_bytes_per_token_per_layer_override is not None:
+        return float(model.kv_bytes_per_token_per_layer * model.num_layers * tp)
+    return float(tp * kv_bytes_per_token_per_rank(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads,
+                                                  head_dim=model.head_dim, tp=tp, dtype_bytes=model.weight_bytes))
 
 
 def decode_attention_time_s(model: ModelArchitecture, hw: HardwareProfile, workload: WorkloadSpec, tp: int, ep: int) -> float:
     """Memory-bound decode attention of one layer on one GPU, plus the TP all-reduce."""
     weights = model.attention_params_per_layer * model.weight_bytes / tp
-    kv = workload.decode_batch * workload.context_length * model.kv_bytes_per_token_per_layer
-    kv *= kv_replication(model, tp) / ep
+    kv = workload.decode_batch * workload.context_length * kv_bytes_per_token(model, tp) / model.num_layers / ep
     read = (weights + kv) / hw.hbm_bytes_per_s
     if tp == 1:
         return read
@@ -294,10 +301,7 @@ def memory_per_gpu_bytes(model: ModelArchitecture, workload: WorkloadSpec, tp: i
         + model.first_dense_layers * 3 * h * model.dense_intermediate_size
     ) * wb / tp
     replicated = (model.moe_layers * (h * model.num_experts + model.shared_experts * model.expert_params)) * wb
-    kv = (
-        workload.decode_batch * workload.context_length * model.kv_bytes_per_token_per_layer
-        * model.num_layers * kv_replication(model, tp) / ep
-    )
+    kv = workload.decode_batch * workload.context_length * kv_bytes_per_token(model, tp) / ep
     # Workspace: prefill activations of this rank's tokens (a few [T, H] buffers)
     # and dispatch receive buffers (up to T K / N token copies).
     tokens = workload.prefill_tokens / ep

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moeshard.core.layout import (
-    attention_tp_problem, expert_ep_problem, global_rank, kv_heads_per_rank, max_over_mean, ranks_per_domain,
+    attention_tp_problem, expert_ep_problem, global_rank, max_over_mean, ranks_per_domain,
     slots_per_gpu,
 )
 
@@ -36,13 +36,6 @@ def test_slots_per_gpu_is_experts_plus_redundant_over_ep():
 ])
 def test_attention_tp_rule(tp, ep, pod, heads, kv, ok):
     assert (attention_tp_problem(tp, ep, gpus_per_pod=pod, num_heads=heads, num_kv_heads=kv) is None) is ok
-
-
-def test_kv_heads_per_rank_splits_or_replicates():
-    assert kv_heads_per_rank(4, 2) == (2, 1)
-    assert kv_heads_per_rank(4, 8) == (1, 2)
-    with pytest.raises(ValueError):
-        kv_heads_per_rank(6, 4)
 
 
 def test_ranks_per_domain_and_global_rank():

@@ -128,7 +128,7 @@ def _one_line_error(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("extra,expected", [
-    (["--ep", "3", "--tp", "3"], "must divide num_attention_heads (4)"),
+    (["--ep", "3", "--tp", "3"], "must divide the model's 4 attention heads"),
     (["--ep", "2", "--gpus-per-domain", "0"], "gpus_per_domain must be >= 1"),
     (["--ep", "1", "--prompts", "1,2;5,64"], "prompts[1]: token id 64 outside 0..63"),
     (["--ep", "1", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),

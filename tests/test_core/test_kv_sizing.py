@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 import pytest
-from moeshard.engine import kv_sizing
-from moeshard.engine.kv_sizing import (
+from moeshard.core import kv_sizing
+from moeshard.core.kv_sizing import (
     blocks_for_tokens,
     check_attention_tp,
     first_kv_head,
@@ -31,9 +31,9 @@ def test_blocks_and_tp_checks():
     assert kv_blocks_for_bytes(10_000, bytes_per_token=100, block_size=16) == 6
     assert blocks_for_tokens(0, 16) == 0 and blocks_for_tokens(17, 16) == 2
     check_attention_tp(64, 4, 8)
-    with pytest.raises(ValueError, match="num_key_value_heads"):
+    with pytest.raises(ValueError, match="4 KV heads must divide one another"):
         check_attention_tp(48, 4, 6)
-    with pytest.raises(ValueError, match="num_attention_heads"):
+    with pytest.raises(ValueError, match="must divide the model.s 64 attention heads"):
         check_attention_tp(64, 4, 3)
 
 

@@ -1,6 +1,7 @@
 """KV-cache sizing per rank: one fact shared by the engine's pool and the planner's memory model.
 
-No torch here (the coordinator moves this module to the shared core package).
+Torch-free, in moeshard.core: the engine sizes its pool with it and the
+planner's memory model (operator/planner.py ``kv_bytes_per_token``) too.
 
 Attention TP splits the KV heads over the TP ranks when ``tp <= Hkv``. When
 attention TP exceeds the KV head count (Qwen3-235B: 4 KV heads, TP 8), each
@@ -14,16 +15,17 @@ from __future__ import annotations
 
 import math
 
+from moeshard.core.layout import attention_tp_problem
+
 
 def check_attention_tp(num_attention_heads: int, num_kv_heads: int, tp: int) -> None:
-    """ValueError unless TP ``tp`` can split Hq query heads and split or replicate Hkv KV heads."""
-    if tp < 1:
-        raise ValueError(f"attention TP must be >= 1, got {tp}")
-    if num_attention_heads % tp:
-        raise ValueError(f"attention TP ({tp}) must divide num_attention_heads ({num_attention_heads})")
-    if num_kv_heads % tp and tp % num_kv_heads:
-        raise ValueError(f"attention TP ({tp}) must divide num_key_value_heads ({num_kv_heads}) or be a multiple "
-                         "of it (KV heads are then replicated)")
+    """ValueError unless TP ``tp`` can split Hq query heads and split or replicate Hkv KV heads.
+
+    The rule is moeshard.core.layout.attention_tp_problem, the one the planner enumerates with.
+    """
+    problem = attention_tp_problem(tp, tp, num_heads=num_attention_heads, num_kv_heads=num_kv_heads)
+    if problem:
+        raise ValueError(f"attention TP {problem}")
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
