@@ -33,6 +33,17 @@ METRIC_RANK_PAIRS = "moeshard_rank_expert_pairs_total"  # counter {rank}: (token
 METRIC_REQUEST_LATENCY = "moeshard_request_latency_seconds"  # histogram
 METRIC_PLACEMENT_VERSION = "moeshard_placement_version"  # gauge
 METRIC_PLACEMENT_REJECTED = "moeshard_placement_rejected_total"  # counter: invalid placement files refused
+# Serving metrics (rank 0 of each group); the autoscaler, the chart's dashboard and alerts read them.
+METRIC_TTFT = "moeshard_time_to_first_token_seconds"  # histogram: arrival -> first token of a request
+METRIC_ITL = "moeshard_inter_token_latency_seconds"  # histogram: between two tokens of one sequence
+METRIC_QUEUE_TIME = "moeshard_request_queue_seconds"  # histogram: arrival -> first scheduled
+METRIC_RUNNING = "moeshard_requests_running"  # gauge: sequences in the running batch
+METRIC_WAITING = "moeshard_requests_waiting"  # gauge: sequences waiting (new or preempted)
+METRIC_KV_BLOCKS = "moeshard_kv_blocks"  # gauge {state="used"|"free"}, summed over attention-DP groups
+METRIC_KV_USAGE = "moeshard_kv_cache_usage_ratio"  # gauge 0..1: used / all KV blocks of the group
+METRIC_PROMPT_TOKENS = "moeshard_prompt_tokens_total"  # counter: prompt tokens of admitted requests (x n)
+METRIC_GENERATION_TOKENS = "moeshard_generation_tokens_total"  # counter: sampled tokens
+METRIC_PREEMPTIONS = "moeshard_preemptions_total"  # counter: sequences preempted for recomputation
 # Scope labels the engine adds to every metric so one Prometheus can hold many deployments.
 SCOPE_DEPLOYMENT = "moeshard_deployment"
 SCOPE_NAMESPACE = "moeshard_namespace"

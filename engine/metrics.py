@@ -27,26 +27,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from moeshard.core.engine_env import EngineEnvironment
 from moeshard.core.naming import (
     METRIC_EXPERT_TOKENS,
+    METRIC_GENERATION_TOKENS,
+    METRIC_ITL,
+    METRIC_KV_BLOCKS,
+    METRIC_KV_USAGE,
     METRIC_PLACEMENT_REJECTED,
     METRIC_PLACEMENT_VERSION,
     METRIC_RANK_PAIRS,
     METRIC_RANK_TOKENS,
+    METRIC_PREEMPTIONS,
+    METRIC_PROMPT_TOKENS,
+    METRIC_QUEUE_TIME,
     METRIC_REQUEST_LATENCY,
+    METRIC_RUNNING,
+    METRIC_TTFT,
+    METRIC_WAITING,
     SCOPE_DEPLOYMENT,
     SCOPE_NAMESPACE,
     SCOPE_REPLICA,
 )
-
-# Serving metric names (beside the contract names of moeshard.core.naming; candidates to move there).
-METRIC_TTFT = "moeshard_time_to_first_token_seconds"  # histogram: arrival -> first token of a request
-METRIC_ITL = "moeshard_inter_token_latency_seconds"  # histogram: between two tokens of one sequence
-METRIC_QUEUE_TIME = "moeshard_request_queue_seconds"  # histogram: arrival -> first scheduled
-METRIC_RUNNING = "moeshard_requests_running"  # gauge: sequences in the running batch
-METRIC_WAITING = "moeshard_requests_waiting"  # gauge: sequences waiting (new or preempted)
-METRIC_KV_BLOCKS = "moeshard_kv_blocks"  # gauge {state="used"|"free"}, summed over attention-DP groups
-METRIC_PROMPT_TOKENS = "moeshard_prompt_tokens_total"  # counter: prompt tokens of admitted requests (x n)
-METRIC_GENERATION_TOKENS = "moeshard_generation_tokens_total"  # counter: sampled tokens
-METRIC_PREEMPTIONS = "moeshard_preemptions_total"  # counter: sequences preempted for recomputation
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Token latency buckets in seconds: milliseconds per token on a GPU, up to seconds on CPU ranks.
@@ -124,6 +123,8 @@ class EngineMetrics:
                               registry=self.registry)
         self._blocks = Gauge(METRIC_KV_BLOCKS, "Paged KV cache blocks by state, summed over attention-DP groups.",
                              (*_SCOPE_NAMES, "state"), registry=self.registry)
+        self._kv_usage = Gauge(METRIC_KV_USAGE, "Fraction of the group's paged KV cache blocks in use (0..1).",
+                               _SCOPE_NAMES, registry=self.registry)
         self._prompt_tokens = Counter(METRIC_PROMPT_TOKENS, "Prompt tokens of admitted requests (times n).",
                                       _SCOPE_NAMES, registry=self.registry)
         self._generation_tokens = Counter(METRIC_GENERATION_TOKENS, "Generated (sampled) tokens.", _SCOPE_NAMES,
@@ -133,7 +134,7 @@ class EngineMetrics:
         scope_values = scope.values()
         self._serving = {name: family.labels(*scope_values) for name, family in (
             ("ttft", self._ttft), ("itl", self._itl), ("queue", self._queue), ("running", self._running),
-            ("waiting", self._waiting), ("prompt", self._prompt_tokens), ("generation", self._generation_tokens),
+            ("waiting", self._waiting), ("kv_usage", self._kv_usage), ("prompt", self._prompt_tokens), ("generation", self._generation_tokens),
             ("preemptions", self._preemptions))}
         self._blocks_used = self._blocks.labels(*scope_values, "used")
         self._blocks_free = self._blocks.labels(*scope_values, "free")
@@ -194,6 +195,8 @@ class EngineMetrics:
         self._serving["waiting"].set(waiting)
         self._blocks_used.set(blocks_used)
         self._blocks_free.set(blocks_free)
+        total = blocks_used + blocks_free
+        self._serving["kv_usage"].set(blocks_used / total if total else 0.0)
 
     def add_prompt_tokens(self, count: int) -> None:
         self._serving["prompt"].inc(count)

@@ -39,9 +39,9 @@ from .deployment import Deployment
 from .manifests import build_owner_reference, with_hash
 
 # Serving metrics of the engine (rank 0 of each group), with the scope labels of naming.SCOPE_*.
-METRIC_REQUESTS_WAITING = "moeshard_requests_waiting"  # gauge: requests queued, not yet running
-METRIC_KV_CACHE_USAGE = "moeshard_kv_cache_usage_ratio"  # gauge 0..1: KV cache blocks in use
-METRIC_TTFT = "moeshard_time_to_first_token_seconds"  # histogram
+METRIC_REQUESTS_WAITING = naming.METRIC_WAITING  # gauge: requests queued, not yet running
+METRIC_KV_CACHE_USAGE = naming.METRIC_KV_USAGE  # gauge 0..1: KV cache blocks in use
+METRIC_TTFT = naming.METRIC_TTFT  # histogram
 
 HPA_API_VERSION = "autoscaling/v2"
 KEDA_API_VERSION = "keda.sh/v1alpha1"

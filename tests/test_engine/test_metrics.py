@@ -102,6 +102,19 @@ def test_serving_metrics_are_exposed_with_exact_values():
     assert values[(m.METRIC_ITL + "_count", None)] == 2 and values[(m.METRIC_QUEUE_TIME + "_count", None)] == 1
     assert values[(m.METRIC_RUNNING, None)] == 3 and values[(m.METRIC_WAITING, None)] == 2
     assert values[(m.METRIC_KV_BLOCKS, "used")] == 5 and values[(m.METRIC_KV_BLOCKS, "free")] == 11
+    assert values[(m.METRIC_KV_USAGE, None)] == 5 / 16  # what the autoscaler's kvCacheUsage target reads
     assert values[(m.METRIC_PROMPT_TOKENS, None)] == 40
     assert values[(m.METRIC_GENERATION_TOKENS, None)] == 7
     assert values[(m.METRIC_PREEMPTIONS, None)] == 1
+
+
+def test_every_series_the_autoscaler_reads_is_exported():
+    """The recording rules behind spec.autoscaling (operator/autoscaling.py) read series the engine really has."""
+    from moeshard.operator import autoscaling
+
+    metrics = EngineMetrics(SCOPE, num_layers=1, num_experts=2, world_size=1)
+    metrics.observe_time_to_first_token(0.1)
+    names = {s.name for s in samples(metrics)}
+    wanted = {autoscaling.METRIC_REQUESTS_WAITING, autoscaling.METRIC_KV_CACHE_USAGE,
+              autoscaling.METRIC_TTFT + "_bucket"}
+    assert wanted <= names, f"the engine does not export {sorted(wanted - names)}"

@@ -14,11 +14,7 @@ from .conftest import ROOT
 from .test_chart_and_command import CHART
 
 ENABLED = {"monitoring": {k: {"enabled": True} for k in ("podMonitor", "prometheusRule", "dashboard")}}
-# Serving metrics another branch adds to the engine (time to first token, KV blocks); these exact names
-# are what the dashboard queries; the merge must keep them equal to the engine's.
-PENDING_SERVING_METRICS = {"moeshard_time_to_first_token_seconds", "moeshard_kv_blocks_used",
-                           "moeshard_kv_blocks_free"}
-HISTOGRAMS = {naming.METRIC_REQUEST_LATENCY, "moeshard_time_to_first_token_seconds"}
+HISTOGRAMS = {naming.METRIC_REQUEST_LATENCY, naming.METRIC_TTFT, naming.METRIC_ITL, naming.METRIC_QUEUE_TIME}
 PROMETHEUS_BUILTIN = {"up"}
 
 
@@ -26,7 +22,6 @@ def _exported() -> set[str]:
     """Metric names the engine exports: moeshard.core.naming's METRIC_* that engine/metrics.py registers."""
     metrics_py = (ROOT / "engine" / "metrics.py").read_text()
     names = {getattr(naming, attr) for attr in dir(naming) if attr.startswith("METRIC_") and attr in metrics_py}
-    names |= PENDING_SERVING_METRICS
     return names | {f"{h}_{suffix}" for h in HISTOGRAMS & names for suffix in ("bucket", "sum", "count")}
 
 
