@@ -34,7 +34,8 @@ from .kube import Kube, KubeError
 from .planner import plan_for_spec
 from moeshard.core.placement import PLACEMENT_KEY, PlacementError, check_config_map_size, parse_placement
 from .prometheus_source import PrometheusSource
-from .rebalance import CONDITION_BALANCED, CycleOutcome, LoadSource, merge_conditions, run_cycle
+from .rebalance import CONDITION_BALANCED, CycleOutcome, LoadSource, rfc3339, run_cycle
+from .status import merge_conditions
 
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL_S = 300.0
@@ -120,7 +121,7 @@ def _write_status(kube: Kube, body: dict[str, Any], run: BalanceRun, now: dateti
     assert outcome is not None  # set by every caller
 
     def build(live_status: dict[str, Any]) -> dict[str, Any] | None:
-        conditions = merge_conditions(live_status.get("conditions"), outcome.conditions, now,
+        conditions = merge_conditions(live_status.get("conditions"), outcome.conditions, rfc3339(now),
                                       generation=body["metadata"].get("generation"))
         new = {**outcome.status, "conditions": conditions}
         unchanged = all(live_status.get(k) == v for k, v in new.items())

@@ -163,23 +163,3 @@ def run_cycle(
     group_status, adopted = adoption(current.version, groups)
     return CycleOutcome(outcome.placement, {**outcome.status, **group_status}, [*outcome.conditions, adopted],
                         outcome.event, outcome.moves, outcome.decision)
-
-
-def merge_conditions(existing: list[dict[str, Any]] | None, updates: list[dict[str, str]], now: datetime,
-                     generation: int | None = None) -> list[dict[str, Any]]:
-    """Conditions list with ``updates`` set by type; lastTransitionTime changes only with the status."""
-    merged = [dict(c) for c in (existing or [])]
-    for update in updates:
-        old = next((c for c in merged if c.get("type") == update["type"]), None)
-        entry = dict(update)
-        entry["lastTransitionTime"] = (
-            old["lastTransitionTime"] if old and old.get("status") == update["status"] and old.get("lastTransitionTime")
-            else rfc3339(now)
-        )
-        if generation is not None:
-            entry["observedGeneration"] = generation
-        if old is None:
-            merged.append(entry)
-        else:
-            merged[merged.index(old)] = entry
-    return merged

@@ -184,17 +184,30 @@ def compute_kstatus_conditions(obs: Observation, phase: str) -> list[dict[str, A
     ]
 
 
-def merge_conditions(previous: list[dict[str, Any]] | None, owned: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:
-    """Owned conditions replaced, others (the balancer's) kept in place; transition times kept when unchanged."""
-    previous = [c for c in (previous or []) if isinstance(c, dict)]
-    before = {c.get("type"): c for c in previous}
-    merged: list[dict[str, Any]] = []
-    for cond in owned:
-        old = before.get(cond["type"])
-        kept_time = old.get("lastTransitionTime") if old and old.get("status") == cond["status"] else None
-        merged.append(cond | {"lastTransitionTime": kept_time or now})
-    owned_types = {c["type"] for c in owned}
-    return merged + [c for c in previous if c.get("type") not in owned_types]
+def merge_conditions(previous: list[dict[str, Any]] | None, updates: list[dict[str, Any]], now: str,
+                     generation: int | None = None) -> list[dict[str, Any]]:
+    """The one writer of ``status.conditions`` (the reconciler's and the balancer's conditions).
+
+    ``updates`` replace the conditions of their type in place (new types are
+    appended); every other condition is kept, garbage entries dropped.
+    ``lastTransitionTime`` stays while a condition's status is unchanged, else
+    becomes ``now``; ``generation``, when given, is set as observedGeneration.
+    """
+    merged = [dict(c) for c in (previous or []) if isinstance(c, dict)]
+    where = {c.get("type"): i for i, c in enumerate(merged)}
+    for update in updates:
+        i = where.get(update["type"])
+        old = merged[i] if i is not None else None
+        kept_time = old.get("lastTransitionTime") if old and old.get("status") == update["status"] else None
+        entry = dict(update) | {"lastTransitionTime": kept_time or now}
+        if generation is not None:
+            entry["observedGeneration"] = generation
+        if i is None:
+            where[update["type"]] = len(merged)
+            merged.append(entry)
+        else:
+            merged[i] = entry
+    return merged
 
 
 def compute_status(obs: Observation, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:

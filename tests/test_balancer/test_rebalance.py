@@ -13,8 +13,9 @@ from moeshard.core.placement import imbalance, initial_placement
 from moeshard.operator.prometheus_source import (
     REASON_BAD_DATA, REASON_NO_DATA, REASON_PARTIAL, MetricsUnavailable, parse_expert_loads,
 )
+from moeshard.operator.status import merge_conditions
 from moeshard.operator.rebalance import (
-    CONDITION_BALANCED, CONDITION_METRICS, merge_conditions, plan_cycle, replicated_experts, run_cycle,
+    CONDITION_BALANCED, CONDITION_METRICS, plan_cycle, rfc3339, replicated_experts, run_cycle,
 )
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -144,12 +145,12 @@ def test_merge_conditions_keeps_transition_time_until_status_changes():
     existing = [{"type": "Available", "status": "True", "reason": "Ready", "message": "",
                  "lastTransitionTime": "2026-01-01T00:00:00Z"}]
     up = {"type": CONDITION_METRICS, "status": "True", "reason": "QuerySucceeded", "message": "1 token"}
-    first = merge_conditions(existing, [up], NOW, generation=3)
+    first = merge_conditions(existing, [up], rfc3339(NOW), generation=3)
     assert [c["type"] for c in first] == ["Available", CONDITION_METRICS]
     assert first[0] == existing[0] and first[1]["lastTransitionTime"] == "2026-11-28T12:00:00Z"
     assert first[1]["observedGeneration"] == 3
     later = NOW + timedelta(minutes=5)
-    same = merge_conditions(first, [{**up, "message": "2 tokens"}], later)
+    same = merge_conditions(first, [{**up, "message": "2 tokens"}], rfc3339(later))
     assert same[1]["lastTransitionTime"] == "2026-11-28T12:00:00Z" and same[1]["message"] == "2 tokens"
-    down = merge_conditions(same, [{**up, "status": "False", "reason": "NoData"}], later)
+    down = merge_conditions(same, [{**up, "status": "False", "reason": "NoData"}], rfc3339(later))
     assert down[1]["lastTransitionTime"] == "2026-11-28T12:05:00Z"

@@ -56,4 +56,5 @@ def test_foreign_conditions_survive_and_transition_times_stay_when_unchanged():
 def test_merge_conditions_ignores_garbage():
     merged = merge_conditions(["x", None, {"type": "MetricsAvailable", "status": "False"}],
                               [{"type": "Planned", "status": "True"}], T0)
-    assert [c["type"] for c in merged] == ["Planned", "MetricsAvailable"]
+    # garbage dropped, the balancer's condition kept in place, the new one appended
+    assert [c["type"] for c in merged] == ["MetricsAvailable", "Planned"]
