@@ -34,6 +34,7 @@ from .kube import Kube, KubeError
 from .planner import plan_for_spec
 from moeshard.core.placement import PLACEMENT_KEY, PlacementError, check_config_map_size, parse_placement
 from .prometheus_source import PrometheusSource
+from .backends import get_backend
 from .rebalance import CONDITION_BALANCED, CycleOutcome, LoadSource, rfc3339, run_cycle
 from .status import merge_conditions
 
@@ -73,6 +74,9 @@ def balance_once(
     except SpecError as exc:
         return BalanceRun("skipped", f"invalid spec: {exc}")
     lb = spec.load_balancing
+    backend = get_backend(spec.engine.backend)
+    if not backend.takes_placement:  # an engine that places experts itself: nothing to balance here
+        return BalanceRun("skipped", f"engine backend {backend.name} takes no expert placement")
     if not lb.enabled:
         return _write_status(kube, body, BalanceRun("skipped", "loadBalancing.enabled is false", CycleOutcome(
             None, {}, [{"type": CONDITION_BALANCED, "status": "False", "reason": "Disabled",

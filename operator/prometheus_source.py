@@ -159,6 +159,7 @@ class PrometheusSource:
 
     url: str
     timeout_s: float = 10.0
+    backend: str = DEFAULT_BACKEND  # spec.engine.backend: whose metric the load query reads
 
     def query(self, promql: str) -> Any:
         """Run an instant query; raise MetricsUnavailable on any transport or API failure."""
@@ -180,7 +181,8 @@ class PrometheusSource:
 
     def expert_loads(self, name: str, namespace: str, window: str, num_layers: int, num_experts: int) -> np.ndarray:
         """Tokens per (layer, logical expert) over ``window``, [L, E]."""
-        return parse_expert_loads(self.query(expert_load_query(name, namespace, window)), num_layers, num_experts)
+        return parse_expert_loads(self.query(expert_load_query(name, namespace, window, self.backend)),
+                                  num_layers, num_experts)
 
     def coverage(self, name: str, namespace: str, window: str) -> float | None:
         """Scrape coverage of the window (``coverage_fraction``); None when no replica exports yet."""
