@@ -14,13 +14,9 @@ serialise with ``model_dump(by_alias=True, exclude_none=True)``.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema,
-    field_validator, model_validator,
-)
-from pydantic.alias_generators import to_camel
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from moeshard.core.architectures import ARCHITECTURES, PRESETS, ModelArchitecture, get_preset
 from moeshard.core.engine_env import RENDEZVOUS_PORT
@@ -28,6 +24,13 @@ from moeshard.core.errors import UserError
 from moeshard.core.hardware import GB, PROFILES, TB, US, HardwareProfile, get_profile
 from moeshard.core.naming import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 
+from .api_autoscaling import AUTOSCALING_TARGETS, MAX_STABILIZATION_SECONDS, AutoscalingSpec, AutoscalingTarget
+from .api_base import (
+    DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, DURATION_PATTERN, LABEL_VALUE_PATTERN, MAX_DNS_SUBDOMAIN_LENGTH,
+    MAX_LABEL_VALUE_LENGTH, MAX_NAME_LENGTH, MAX_QUALIFIED_NAME_LENGTH, NAME_PATTERN, QUALIFIED_NAME_PATTERN,
+    QUANTITY_PATTERN, DnsSubdomain, LabelValue, Quantity, _Section, check_qualified_names, parse_duration,
+)
+from .api_status import Condition, MoEDeploymentStatus, PlanStatus
 from .backends import BACKENDS, DEFAULT_BACKEND, get_backend
 from .images import ENGINE_IMAGE
 
@@ -35,73 +38,7 @@ from .images import ENGINE_IMAGE
 ENGINE_ARCHITECTURES = tuple(sorted({a for b in BACKENDS.values() for a in b.architectures}))
 
 
-DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
-QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
-_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
-_DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-# Kubernetes object names (RFC 1123 label); the deployment name prefixes child names.
-NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # the front Service takes this name: RFC 1035
-MAX_NAME_LENGTH = 40  # leaves room for "-r<replica>-<pod>" suffixes within 63
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a Go-style duration such as ``5m``, ``90s`` or ``1h30m``."""
-    if not re.fullmatch(DURATION_PATTERN, text or ""):
-        raise ValueError(f"{text!r} is not a duration like 30s, 5m or 1h30m")
-    return sum(int(n) * _DURATION_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
-
-
-# Patterns of the API server's own validation (apimachinery's validation package and resource.Quantity).
-# Each is checked here and written into the CRD, so Python, the CRD and the server refuse the same values.
-LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"  # at most 63 characters
-MAX_LABEL_VALUE_LENGTH = 63
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # namespaces; at most 63 characters
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # at most 253
-MAX_DNS_SUBDOMAIN_LENGTH = 253
-# Label and annotation keys: an optional DNS-subdomain prefix and "/", then a name of at most 63 characters.
-QUALIFIED_NAME_PATTERN = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
-MAX_QUALIFIED_NAME_LENGTH = 317  # a 253-character prefix, "/", a 63-character name
-# resource.Quantity without a sign (requests and limits must not be negative): 500m, 8, 64Gi, 1.5, 1e3.
-QUANTITY_PATTERN = (
-    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
-
-
-def _quantity(value: Any) -> Any:
-    """An int >= 0 or a Kubernetes quantity string, as the string the manifests carry."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"must be a Kubernetes quantity such as 8, 500m or 64Gi (an integer or a string), "
-                         f"got {type(value).__name__} {value!r}")
-    text = str(value)
-    if not re.fullmatch(QUANTITY_PATTERN, text):
-        raise ValueError(f"{text!r} is not a Kubernetes quantity such as 8, 500m or 64Gi (no spaces; "
-                         "binary suffixes Ki Mi Gi Ti, decimal k M G T)")
-    return text
-
-
-# x-kubernetes-int-or-string with the quantity pattern, as Kubernetes' own schemas write a Quantity.
-Quantity = Annotated[str, BeforeValidator(_quantity), WithJsonSchema(
-    {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})]
-LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN, max_length=MAX_LABEL_VALUE_LENGTH)]
-DnsSubdomain = Annotated[str, StringConstraints(pattern=DNS_SUBDOMAIN_PATTERN, max_length=MAX_DNS_SUBDOMAIN_LENGTH)]
-
-
-def check_qualified_names(keys: Any, what: str) -> None:
-    """Raise ValueError for the first key that is not a Kubernetes qualified name (label/annotation key)."""
-    for key in keys:  # the CEL twin: crd.py qualified_keys_rule
-        if not re.fullmatch(QUALIFIED_NAME_PATTERN, key) or len(key) > MAX_QUALIFIED_NAME_LENGTH:
-            raise ValueError(f"{what} key {key!r} is not a qualified name ([prefix/]name: letters, digits, "
-                             "'-', '_', '.', starting and ending alphanumeric, name at most 63 characters)")
-
-
-class _Section(BaseModel):
-    # strict: an integer field refuses true and "2", a string field refuses 2, as the API server does.
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True, strict=True
-    )
-
+# Formats, the strict base model: api_base.py; autoscaling: api_autoscaling.py; status: api_status.py.
 
 # --------------------------------------------------------------------------- model
 
@@ -417,96 +354,6 @@ class EngineSpec(_Section):
                     "RDMA memory registration (InfiniBand/RoCE verbs), SYS_RESOURCE to raise the locked-memory limit.")
 
 
-# --------------------------------------------------------------------------- autoscaling
-
-MAX_STABILIZATION_SECONDS = 3600  # autoscaling/v2 stabilizationWindowSeconds <= 3600
-AUTOSCALING_TARGETS = ("waitingRequestsPerReplica", "kvCacheUsage", "timeToFirstTokenP90Seconds")
-
-
-class AutoscalingTarget(_Section):
-    """The one serving signal the replica count follows. Set exactly one field."""
-
-    waiting_requests_per_replica: float | None = Field(
-        None, gt=0, le=100000,
-        description="Requests waiting in the engine queue per replica group (moeshard_requests_waiting, averaged "
-        "over groups) the autoscaler keeps replicas at.",
-    )
-    kv_cache_usage: float | None = Field(
-        None, gt=0, le=1, alias="kvCacheUsage",
-        description="Fraction of KV cache in use per replica group (moeshard_kv_cache_usage_ratio, 0..1, averaged "
-        "over groups) the autoscaler keeps replicas at.",
-    )
-    time_to_first_token_p90_seconds: float | None = Field(
-        None, gt=0, le=3600, alias="timeToFirstTokenP90Seconds",
-        description="90th percentile of time to first token over the deployment, seconds "
-        "(moeshard_time_to_first_token_seconds) the autoscaler keeps replicas at.",
-    )
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "AutoscalingTarget":
-        chosen = [name for name, value in self.model_dump(by_alias=True).items() if value is not None]
-        if len(chosen) != 1:
-            raise ValueError(f"set exactly one of {', '.join(AUTOSCALING_TARGETS)} (got {len(chosen)})")
-        return self
-
-    @property
-    def kind(self) -> str:
-        """The camelCase name of the field that is set."""
-        return next(name for name, value in self.model_dump(by_alias=True).items() if value is not None)
-
-    @property
-    def value(self) -> float:
-        return float(self.model_dump(by_alias=True)[self.kind])
-
-
-class AutoscalingSpec(_Section):
-    """Replica groups follow serving load: an HPA or a KEDA ScaledObject writes spec.parallelism.replicas
-    through the scale subresource; the operator builds that object, never the replica count."""
-
-    enabled: bool = Field(True, description="Build the autoscaler object; false removes it and leaves replicas as they are.")
-    engine: Literal["hpa", "keda"] = Field(
-        "hpa", description="hpa: an autoscaling/v2 HorizontalPodAutoscaler on an External metric (needs a metrics "
-        "adapter serving the recording rule); keda: a KEDA ScaledObject with a Prometheus trigger (needs KEDA; "
-        "allows minReplicas 0).",
-    )
-    min_replicas: int = Field(1, ge=0, le=1024, description="Fewest replica groups; 0 (scale to zero) needs engine keda.")
-    max_replicas: int = Field(ge=1, le=1024, description="Most replica groups.")
-    target: AutoscalingTarget = Field(description="The serving signal and its target value.")
-    scale_down_stabilization: str = Field(
-        "5m", pattern=DURATION_PATTERN,
-        description="Scale in only to the highest replica count recommended over this window (Go duration).",
-    )
-    wake_query: str | None = Field(
-        None, min_length=1, max_length=2000,
-        description="engine keda: PromQL of demand that exists while no group runs (e.g. requests waiting in a "
-        "gateway in front of the deployment), in the target's unit; a second trigger that brings the deployment "
-        "back from zero groups when it is above 0 (the engines' own series vanish with their groups).",
-    )
-    drain_timeout: str = Field(
-        "2m", pattern=DURATION_PATTERN,
-        description="How long a group removed by a scale-in keeps finishing its running requests, out of the "
-        "front Service, before it is deleted (Go duration).",
-    )
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "AutoscalingSpec":
-        # Mirrored by CEL rules in crd.py (SPEC_RULES["spec.autoscaling"]).
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})")
-        if self.min_replicas == 0 and self.engine != "keda":
-            raise ValueError("minReplicas (0) needs engine keda: an HPA cannot scale to zero")
-        if self.wake_query is not None and self.engine != "keda":
-            raise ValueError("wakeQuery (a KEDA trigger) needs engine keda")
-        return self
-
-    @field_validator("scale_down_stabilization")
-    @classmethod
-    def _within_hpa_limit(cls, value: str) -> str:
-        if parse_duration(value) > MAX_STABILIZATION_SECONDS:
-            raise ValueError("must not exceed 1h (the HPA's limit)")
-        return value
-
-
 # --------------------------------------------------------------------------- the resource
 
 
@@ -547,63 +394,6 @@ class MoEDeploymentSpec(_Section):
                 f"parallelism.attentionTP ({tp}) must divide the model's {arch.num_attention_heads} attention heads"
             )
         return self
-
-
-class Condition(_Section):
-    """A status condition (metav1.Condition)."""
-
-    type: str = Field(description="Planned, Available, Progressing, Degraded, Ready, Reconciling, Stalled, Balanced "
-                                  "or MetricsAvailable.")
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    reason: str = Field(description="CamelCase reason.")
-    message: str = Field("", description="Human-readable detail; names the spec field for bad input.")
-    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
-    observed_generation: int | None = Field(None, description="Generation the condition was computed from.")
-
-
-class PlanStatus(_Section):
-    """The plan the operator deployed, with its estimates."""
-
-    attention_tp: int = Field(alias="attentionTP", description="Attention tensor-parallel size.")
-    expert_ep: int = Field(alias="expertEP", description="Expert-parallel size (GPUs per replica).")
-    replicas: int = Field(description="DP replicas.")
-    pods_per_replica: int = Field(description="Pods in one replica group.")
-    gpus_per_pod: int = Field(description="GPUs (engine ranks) per pod.")
-    slots_per_gpu: int = Field(description="Physical expert slots per GPU and layer.")
-    crosses_fabric: bool = Field(description="Whether one replica's all-to-all leaves the NVLink domain.")
-    tokens_per_expert: float = Field(description="Mean tokens per expert in one prefill batch.")
-    dispatch_micros: float = Field(description="Estimated dispatch time per MoE layer, microseconds.")
-    gemm_micros: float = Field(description="Estimated expert GEMM time per MoE layer, microseconds.")
-    combine_micros: float = Field(description="Estimated combine time per MoE layer, microseconds.")
-    step_micros: float = Field(description="Estimated time per layer of the planner's objective, microseconds.")
-    verdict: str = Field(description="Bottleneck of the plan.")
-
-
-class MoEDeploymentStatus(_Section):
-    """Observed state, written only by the operator."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
-
-    observed_generation: int | None = Field(None, description="Generation of spec that status reflects.")
-    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = Field(
-        None, description="Pending, Progressing, Ready, Degraded or Failed."
-    )
-    conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
-    plan: PlanStatus | None = Field(None, description="Chosen parallelism plan and its estimates.")
-    replicas: int | None = Field(None, description="Replica groups desired (scale subresource status).")
-    ready_replicas: int | None = Field(None, description="Replica groups with every pod ready.")
-    selector: str | None = Field(None, description="Label selector of engine pods (scale subresource).")
-    draining_replicas: int | None = Field(
-        None, description="Replica groups above the desired count, out of the front Service, finishing their "
-        "running requests before deletion.")
-    placement_version: int | None = Field(None, description="Version of the expert placement in the ConfigMap.")
-    imbalance_before: float | None = Field(None, description="Max/mean GPU load under the previous placement.")
-    imbalance_after: float | None = Field(None, description="Predicted max/mean GPU load under the current placement.")
-    replicated_experts: int | None = Field(None, description="Logical experts with more than one replica (all layers).")
-    last_rebalance_time: str | None = Field(None, description="When the placement last changed (RFC 3339).")
-    group_placement_versions: dict[str, int] | None = Field(
-        None, description="Placement version each replica group serves, by replica index (from its metrics)."
-    )
 
 
 class SpecError(UserError):
@@ -702,8 +492,12 @@ def check_namespace(namespace: Any, field: str) -> str:
 
 
 __all__ = [
-    "API_VERSION", "ARCHITECTURES", "GROUP", "KIND", "PLURAL", "SHORT_NAMES", "SINGULAR", "VERSION",
-    "ArchitectureFields", "AutoscalingSpec", "AutoscalingTarget", "Condition", "CustomHardware", "EngineSpec", "HardwareSpec", "LoadBalancingSpec",
-    "MoEDeploymentSpec", "MoEDeploymentStatus", "ModelSpec", "ParallelismSpec", "PlanStatus", "SpecError",
-    "WorkloadSpec", "check_namespace", "parse_duration", "parse_resource", "parse_spec",
+    "API_VERSION", "ARCHITECTURES", "AUTOSCALING_TARGETS", "DNS_LABEL_PATTERN", "DNS_SUBDOMAIN_PATTERN",
+    "DURATION_PATTERN", "ENGINE_ARCHITECTURES", "GROUP", "KIND", "LABEL_VALUE_PATTERN", "MAX_DNS_SUBDOMAIN_LENGTH",
+    "MAX_LABEL_VALUE_LENGTH", "MAX_NAME_LENGTH", "MAX_QUALIFIED_NAME_LENGTH", "MAX_STABILIZATION_SECONDS",
+    "NAME_PATTERN", "PLURAL", "QUALIFIED_NAME_PATTERN", "QUANTITY_PATTERN", "SHORT_NAMES", "SINGULAR", "VERSION",
+    "ArchitectureFields", "AutoscalingSpec", "AutoscalingTarget", "Condition", "CustomHardware", "EngineSpec",
+    "HardwareSpec", "LoadBalancingSpec", "MoEDeploymentSpec", "MoEDeploymentStatus", "ModelSpec",
+    "ParallelismSpec", "PlanStatus", "SpecError", "WorkloadSpec", "check_namespace", "check_qualified_names",
+    "parse_duration", "parse_resource", "parse_spec",
 ]

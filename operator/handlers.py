@@ -45,7 +45,6 @@ Refusals:
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 from dataclasses import dataclass, field
@@ -66,12 +65,12 @@ from .manifests import (
 from moeshard.core.placement import PLACEMENT_KEY, PlacementError, parse_placement
 from .planner import plan_for_spec
 from .status import Observation, compute_status, status_changed
-from .autoscaling import KEDA_API_VERSION, build_autoscaler
-from .manifests import SERVING_LABEL, pod_index_label
-
-DRAINING_ANNOTATION = "moeshard.io/draining-since"  # on a group a scale-in drains: when the drain began
-UNSCHEDULABLE_DEADLINE_SECONDS = 600.0  # a pod unschedulable this long makes the deployment Stalled
-AUTOSCALER_KINDS = ("HorizontalPodAutoscaler", "ScaledObject")
+from .live import (
+    LiveChildren, annotation, group_pods, group_ready, now_rfc3339, owned_by, parse_time, pod_failed_after_start,
+    replica_of,
+)
+from .scaling import AUTOSCALER_KINDS, ScalingMixin
+from .spec_diff import applied_spec, spec_change_note
 
 
 @dataclass(frozen=True)
@@ -98,50 +97,7 @@ class Outcome:
     status: dict[str, Any] | None = None
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-
-
-def _owned_by(obj: dict[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
-
-
-def _replica_of(obj: dict[str, Any]) -> int | None:
-    raw = ((obj.get("metadata") or {}).get("labels") or {}).get(naming.LABEL_REPLICA)
-    return int(raw) if raw is not None and raw.isdigit() else None
-
-
-def _group_ready(group: dict[str, Any], pods: int) -> bool:
-    status = group.get("status") or {}
-    if group.get("kind") == "LeaderWorkerSet":
-        return status.get("readyReplicas", 0) >= 1
-    return status.get("readyReplicas", 0) >= pods
-
-
-def _pod_failed_after_start(pod: dict[str, Any], group: dict[str, Any]) -> bool:
-    """A pod of the live ``group`` whose engine died after starting: phase Failed, or a container restarted.
-
-    Pods of an earlier incarnation of the group (owned by a deleted StatefulSet,
-    or already terminating) linger for their grace period after a recreation;
-    they must not count, or one failure would use up the whole restart budget.
-    """
-    if (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    group_uid = (group.get("metadata") or {}).get("uid")
-    owners = (pod.get("metadata") or {}).get("ownerReferences") or []
-    if group_uid and owners and not any(o.get("uid") == group_uid for o in owners):
-        return False
-    status = pod.get("status") or {}
-    if status.get("phase") == "Failed":
-        return True
-    return any((c.get("restartCount") or 0) > 0 for c in status.get("containerStatuses") or [])
-
-
-class _Reconciler:
+class _Reconciler(ScalingMixin):
     """State of one reconcile pass (a helper of ``reconcile``; not kept between passes)."""
 
     def __init__(self, kube: Kube, body: dict[str, Any], now: str):
@@ -188,7 +144,7 @@ class _Reconciler:
             raise
         for item in items:
             item.setdefault("kind", kind)
-        return [item for item in items if _owned_by(item, self.uid) or kind == "Pod"]
+        return [item for item in items if owned_by(item, self.uid) or kind == "Pod"]
 
     def write_status(self, obs: Observation) -> None:
         def build(live: dict[str, Any]) -> dict[str, Any] | None:
@@ -202,14 +158,14 @@ class _Reconciler:
     def invalid(self, exc: SpecError) -> Outcome:
         self.outcome.invalid = exc
         status = self.body.get("status") or {}
-        changed = spec_change_note(_applied_spec(status), self.body.get("spec"), exc)
+        changed = spec_change_note(applied_spec(status), self.body.get("spec"), exc)
         field_name, message = changed if changed else (exc.field, exc.message)
         self.event("InvalidSpec", f"{field_name}: {message}", "Warning")
         serving = self.live_groups()
         self.write_status(Observation(
             generation=self.generation, invalid_field=field_name, invalid_message=message,
             replicas=int(status.get("replicas") or 0) if serving else 0,
-            ready=sum(_group_ready(g, _group_pods(g)) for g in serving), serving=len(serving)))
+            ready=sum(group_ready(g, group_pods(g)) for g in serving), serving=len(serving)))
         return self.outcome
 
     def live_groups(self) -> list[dict[str, Any]]:
@@ -225,7 +181,7 @@ class _Reconciler:
         self.event("ApplyRejected", self.outcome.rejected, "Warning")
         serving = self.live_groups()
         self.write_status(Observation(
-            **obs, ready=sum(_group_ready(g, _group_pods(g)) for g in serving),
+            **obs, ready=sum(group_ready(g, group_pods(g)) for g in serving),
             serving=len(serving), failed_reason="ApplyRejected",
             failed_message=f"the API server refused {self.outcome.rejected}"))
         return self.outcome
@@ -252,18 +208,18 @@ class _Reconciler:
 
     def delete_group(self, group: dict[str, Any], pods: list[dict[str, Any]], why: str) -> None:
         self.delete(group, why)
-        replica = _replica_of(group)
+        replica = replica_of(group)
         for pod in pods:  # the GC would delete them too; doing it now frees the names at once
-            if _replica_of(pod) == replica:
+            if replica_of(pod) == replica:
                 self.kube.delete("v1", "pods", self.namespace, pod["metadata"]["name"])
 
     def restart_history(self, spec_window: str) -> list[dict[str, Any]]:
         window = parse_duration(spec_window)
-        now = _parse_time(self.now)
+        now = parse_time(self.now)
         history = []
         for entry in (self.body.get("status") or {}).get("groupRestarts") or []:
             try:
-                when = _parse_time(entry["time"])
+                when = parse_time(entry["time"])
             except (KeyError, TypeError, ValueError):
                 continue
             if (now - when).total_seconds() <= window:
@@ -298,7 +254,7 @@ class _Reconciler:
     def apply_children(self, d: Deployment, spec: Any, obs: dict[str, Any]) -> Outcome:
         """Steps 2-6 for a valid, planned spec; raises _Rejected when the API server refuses a child."""
         # 2. children
-        live = _Children(
+        live = LiveChildren(
             config_maps=self.named("ConfigMap"), services=self.named("Service"),
             pdbs=self.named("PodDisruptionBudget"), domains=self.named("ComputeDomain"),
             policies=self.named("NetworkPolicy"),
@@ -330,7 +286,7 @@ class _Reconciler:
         draining = self.drain_groups(d, live)
         for objs in (live.groups, live.services, live.pdbs, live.domains, live.policies):
             for obj in objs.values():
-                r = _replica_of(obj)
+                r = replica_of(obj)
                 stale_domain = obj["kind"] == "ComputeDomain" and not spec.engine.scheduling.compute_domain
                 stale_policy = obj["kind"] == "NetworkPolicy" and not spec.engine.network_policy
                 if r in draining and not (stale_domain or stale_policy):
@@ -351,109 +307,7 @@ class _Reconciler:
             counts["failed_reason"])
         return self.outcome
 
-    # ------------------------------------------------------------ scale in, autoscaler, scheduling
-    def label_serving(self, d: Deployment, live: "_Children") -> None:
-        """Set ``moeshard.io/serving`` on rank 0 of every group: "true" below the desired count, else "false".
-
-        Only with ``spec.autoscaling`` (whose front Service also selects
-        ``moeshard.io/serving=true``), or while the live front Service still
-        selects that label (a merge patch cannot drop a selector key, so after
-        the section goes the labels keep it truthful). Runs before the front
-        Service is applied, so a Service that starts selecting the label never
-        finds no pod. Pods are labelled by the operator, not the pod template:
-        adding the section rolls no group.
-        """
-        front = live.services.get(naming.service_name(self.name)) or {}
-        if d.spec.autoscaling is None and SERVING_LABEL not in ((front.get("spec") or {}).get("selector") or {}):
-            return
-        rank0 = pod_index_label(d)
-        for pod in live.pods:
-            meta = pod.get("metadata") or {}
-            r = _replica_of(pod)
-            if r is None or meta.get("deletionTimestamp") or (meta.get("labels") or {}).get(rank0) != "0":
-                continue
-            want = "true" if r < d.replicas else "false"
-            if (meta.get("labels") or {}).get(SERVING_LABEL) != want:
-                self.kube.patch("v1", "pods", self.namespace, meta["name"], {"metadata": {"labels": {SERVING_LABEL: want}}})
-
-    def drain_groups(self, d: Deployment, live: "_Children") -> set[int]:
-        """With ``spec.autoscaling``, drain the groups a scale-in removes; returns the indices still draining.
-
-        A group at index >= replicas goes in three steps:
-          1. ``label_serving`` turned its rank-0 pod ``moeshard.io/serving=false``
-             (the front Service stops sending it requests; running ones go on)
-             and here its group object gets ``moeshard.io/draining-since``;
-          2. it stays (with its headless Service and PDB) for
-             ``spec.autoscaling.drainTimeout``, or less when no pod of it is
-             ready (nothing to drain);
-          3. it is deleted like any scaled-down group; the kubelet's SIGTERM
-             then makes the engine finish what is still queued.
-        A scale-out while a group drains takes it back (annotation removed,
-        serving again). Without the section groups go at once, as before.
-        """
-        if d.spec.autoscaling is None:
-            return set()
-        timeout = parse_duration(d.spec.autoscaling.drain_timeout)
-        draining: set[int] = set()
-        for name, group in live.groups.items():
-            r = _replica_of(group)
-            if r is None:
-                continue
-            since = _annotation(group, DRAINING_ANNOTATION)
-            route = KINDS[group["kind"]]
-            if r < d.replicas:
-                if since is not None:  # scaled out again while draining: it serves again
-                    self.kube.patch(*route, self.namespace, name, {"metadata": {"annotations": {DRAINING_ANNOTATION: None}}})
-                    self.event("DrainCancelled", f"replica group {r} serves again (scaled out while draining)")
-                continue
-            if since is None:
-                self.kube.patch(*route, self.namespace, name, {"metadata": {"annotations": {DRAINING_ANNOTATION: self.now}}})
-                self.event("DrainingGroup", f"replica group {r} out of the front Service; deleted after "
-                                            f"{d.spec.autoscaling.drain_timeout} at most")
-                draining.add(r)
-                continue
-            try:
-                elapsed = (_parse_time(self.now) - _parse_time(since)).total_seconds()
-            except ValueError:  # an annotation edited by hand: the drain ends now
-                elapsed = timeout
-            if elapsed < timeout and _group_ready(group, d.pods_per_replica):
-                draining.add(r)
-        return draining
-
-    def autoscaler(self, d: Deployment) -> None:
-        """Apply the HPA or ScaledObject that spec.autoscaling asks for; delete any other one we own."""
-        desired = build_autoscaler(d)
-        if desired is not None and desired["kind"] == "ScaledObject" and not self.kube.has_api(KEDA_API_VERSION, "scaledobjects"):
-            self.event("KEDAMissing", "spec.autoscaling.engine keda needs KEDA's ScaledObject CRD, which this "
-                                      "cluster does not serve; no autoscaler built", "Warning")
-            desired = None
-        for kind in AUTOSCALER_KINDS:
-            live = self.named(kind)
-            keep = desired["metadata"]["name"] if desired is not None and desired["kind"] == kind else None
-            for name, obj in live.items():
-                if name != keep:
-                    self.delete(obj, "spec.autoscaling changed")
-            if keep is not None:
-                self.apply(desired, live.get(keep))
-
-    def unschedulable(self, pods: list[dict[str, Any]]) -> str:
-        """A message naming a pod unschedulable for longer than the deadline, or ''."""
-        now = _parse_time(self.now)
-        for pod in pods:
-            for cond in (pod.get("status") or {}).get("conditions") or []:
-                if (cond.get("type"), cond.get("status"), cond.get("reason")) != ("PodScheduled", "False", "Unschedulable"):
-                    continue
-                try:
-                    since = _parse_time(cond.get("lastTransitionTime") or "")
-                except ValueError:
-                    continue
-                waited = (now - since).total_seconds()
-                if waited >= UNSCHEDULABLE_DEADLINE_SECONDS:
-                    return (f"pod {pod['metadata']['name']} unschedulable for {int(waited)} s: "
-                            f"{(cond.get('message') or '')[:300]}")
-        return ""
-
-    def groups(self, d: Deployment, live: "_Children") -> dict[str, Any]:
+    def groups(self, d: Deployment, live: "LiveChildren") -> dict[str, Any]:
         """Create missing groups, recreate failed ones, roll outdated ones; returns Observation counts.
 
         Rolling rule: an outdated group that is serving (all pods ready) is
@@ -464,7 +318,7 @@ class _Reconciler:
         history = self.restart_history(budget.window)
         desired = {g.index: build_group(d, g) for g in d.groups()}
         current = {r: live.groups.get(naming.group_name(self.name, r)) for r in range(d.replicas)}
-        serving = {r for r, g in current.items() if g is not None and _group_ready(g, d.pods_per_replica)}
+        serving = {r for r, g in current.items() if g is not None and group_ready(g, d.pods_per_replica)}
         floor = d.replicas - d.spec.engine.max_unavailable
         counts: dict[str, Any] = dict(missing=0, outdated=0, restarted=0, failed_reason=None, failed_message="")
         for r in range(d.replicas):
@@ -473,7 +327,7 @@ class _Reconciler:
                 counts["missing"] += 1
                 self.apply(desired[r], None)
                 continue
-            if _annotation(group, HASH_ANNOTATION) != _annotation(desired[r], HASH_ANNOTATION):
+            if annotation(group, HASH_ANNOTATION) != annotation(desired[r], HASH_ANNOTATION):
                 counts["outdated"] += 1
                 if r in serving and len(serving) - 1 < floor:
                     continue  # wait: replacing it now would drop capacity below the floor
@@ -484,7 +338,7 @@ class _Reconciler:
                 continue
             # LeaderWorkerSet recreates its group itself (RecreateGroupOnPodRestart)
             failed = not d.uses_lws and any(
-                _pod_failed_after_start(p, group) for p in live.pods if _replica_of(p) == r)
+                pod_failed_after_start(p, group) for p in live.pods if replica_of(p) == r)
             if not failed:
                 continue
             # a pod failed after start: the group is recreated as a unit, within the restart budget
@@ -516,76 +370,14 @@ class _Rejected(Exception):
         self.message = error.message
 
 
-def _group_pods(group: dict[str, Any]) -> int:
-    """Pods a live group needs ready (a StatefulSet's replicas; a LeaderWorkerSet counts groups)."""
-    return int((group.get("spec") or {}).get("replicas") or 1)
-
-
-def _applied_spec(status: dict[str, Any]) -> Any:
-    """``status.appliedSpec`` (a JSON string written by compute_status), or None."""
-    try:
-        return json.loads(status.get("appliedSpec") or "null")
-    except (TypeError, ValueError):
-        return None
-
-
-def _leaves(value: Any, path: str) -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out |= _leaves(sub, f"{path}.{key}")
-        return out
-    return {path: value}
-
-
-def spec_change_note(applied: Any, new: Any, exc: SpecError) -> tuple[str, str] | None:
-    """(field, message) naming what changed since the last applied spec, when the error's own field did not.
-
-    ``applied`` is ``status.appliedSpec``; None when nothing was applied yet
-    (then the validator's field is the answer). A planner error names the
-    constraint it tripped on (``spec.parallelism.expertEP``) even when the
-    user changed another field (``spec.workload.contextLength``): the
-    condition then names the changed fields first.
-    """
-    if not isinstance(applied, dict) or not isinstance(new, dict):
-        return None
-    before, after = _leaves(applied, "spec"), _leaves(new, "spec")
-    changed = sorted(k for k in set(before) | set(after) if before.get(k, _MISSING) != after.get(k, _MISSING))
-    if not changed or any(k == exc.field or k.startswith(exc.field + ".") for k in changed):
-        return None
-    detail = ", ".join(f"{k} ({before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r})" for k in changed[:3])
-    return changed[0], f"changed since the applied spec ({detail}); the new spec is refused: {exc}"
-
-
-_MISSING = object()
-
-
-@dataclass
-class _Children:
-    """The live children of one MoEDeployment, by name (pods as a list)."""
-
-    config_maps: dict[str, dict[str, Any]]
-    services: dict[str, dict[str, Any]]
-    pdbs: dict[str, dict[str, Any]]
-    domains: dict[str, dict[str, Any]]
-    policies: dict[str, dict[str, Any]]
-    groups: dict[str, dict[str, Any]]
-    other_kind_groups: dict[str, dict[str, Any]]
-    pods: list[dict[str, Any]]
-
-
-def _annotation(obj: dict[str, Any], key: str) -> str | None:
-    return ((obj.get("metadata") or {}).get("annotations") or {}).get(key)
-
-
 def reconcile(kube: Kube, body: dict[str, Any], now: str | None = None) -> Outcome:
     """Reconcile one MoEDeployment body (a plain dict). Raises only KubeError (API trouble)."""
-    return _Reconciler(kube, body, now or _now()).run()
+    return _Reconciler(kube, body, now or now_rfc3339()).run()
 
 
 def cleanup(kube: Kube, body: dict[str, Any]) -> Outcome:
     """Delete every child of a MoEDeployment (the finalizer's work; on a real cluster the GC would follow)."""
-    rec = _Reconciler(kube, body, _now())
+    rec = _Reconciler(kube, body, now_rfc3339())
     for kind in (*AUTOSCALER_KINDS, "StatefulSet", "LeaderWorkerSet", "ComputeDomain", "PodDisruptionBudget",
                  "NetworkPolicy", "Service", "ConfigMap", "Pod"):
         for obj in rec.children(kind):

@@ -27,7 +27,8 @@ from moeshard.operator.autoscaling import (
 )
 from moeshard.operator.crd import SPEC_RULES
 from moeshard.operator.deployment import Deployment
-from moeshard.operator.handlers import DRAINING_ANNOTATION, reconcile
+from moeshard.operator.handlers import reconcile
+from moeshard.operator.scaling import DRAINING_ANNOTATION
 from moeshard.operator.manifests import SERVING_LABEL
 from moeshard.operator.planner import plan_for_spec
 from support.kube_emulator import KEDA_RESOURCE

@@ -168,7 +168,7 @@ def test_restart_budget_spent_is_stalled_and_degraded(kube, custom, emulator, ex
 
 
 def test_unschedulable_past_the_deadline_is_stalled(kube, custom, emulator, example, check_moed):
-    from moeshard.operator.handlers import UNSCHEDULABLE_DEADLINE_SECONDS
+    from moeshard.operator.scaling import UNSCHEDULABLE_DEADLINE_SECONDS
 
     custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, check_moed(example("tiny-cpu")))
     reconcile(kube, _get(custom), now="2026-12-01T00:00:00Z")
