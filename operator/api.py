@@ -344,6 +344,10 @@ class EngineSpec(_Section):
                           description="Size limit of /dev/shm (a memory emptyDir for NCCL / gloo); counts against memory.")
     startup_timeout: str = Field("30m", pattern=DURATION_PATTERN,
                                  description="Model loading budget: the startup probe waits this long for the first step.")
+    progress_deadline: str = Field(
+        "10m", pattern=DURATION_PATTERN,
+        description="How long a replica group's pods may wait for a node (or for Kueue admission) before the "
+                    "deployment reports ProgressDeadlineExceeded with the scheduler's reason (Stalled in kstatus).")
     stall_timeout: str = Field("5m", pattern=DURATION_PATTERN,
                                description="A rank without a step boundary for this long is restarted (liveness probe).")
     network_policy: bool = Field(False, description="A NetworkPolicy per group: every port (rendezvous, NCCL/gloo "

@@ -299,8 +299,10 @@ class _Reconciler(ScalingMixin):
         self.autoscaler(d)
 
         # 6. status
-        unschedulable = self.unschedulable(live.pods)
-        self.write_status(Observation(**obs, **counts, draining=len(draining), unschedulable_message=unschedulable,
+        overdue = self.overdue(d, live)
+        self.write_status(Observation(**obs, **counts, draining=len(draining),
+                                      overdue_reason=overdue.reason if overdue else None,
+                                      overdue_message=overdue.message if overdue else "",
                                       applied_spec=self.body.get("spec")))
         self.outcome.settled = (counts["ready"] == d.replicas and not (
             counts["missing"] or counts["outdated"] or counts["restarted"] or draining)) or bool(

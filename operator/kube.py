@@ -68,6 +68,17 @@ def labels_match(obj: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(have.get(k) == v for k, v in labels.items())
 
 
+def fields_match(obj: dict[str, Any], fields: dict[str, str]) -> bool:
+    """True when every dotted path in ``fields`` holds that value (as a field selector matches)."""
+    for path, want in fields.items():
+        value: Any = obj
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if str(value) != want:
+            return False
+    return True
+
+
 @dataclass
 class ApplyResult:
     """What ``apply`` did: created, patched or unchanged; ``obj`` is the live object afterwards."""
@@ -121,11 +132,16 @@ class Kube:
             raise
 
     def list(self, api_version: str, plural: str, namespace: str | None,
-             labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        labels = labels or {}
-        query = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
-        data = self.request("GET", resource_path(api_version, plural, namespace), query=query) or {}
-        return [item for item in data.get("items") or [] if labels_match(item, labels)]
+             labels: dict[str, str] | None = None, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Objects matching ``labels`` and ``fields`` (dotted paths, e.g. involvedObject.kind), both also checked here."""
+        labels, fields = labels or {}, fields or {}
+        query = {}
+        if labels:
+            query["labelSelector"] = ",".join(f"{k}={v}" for k, v in labels.items())
+        if fields:
+            query["fieldSelector"] = ",".join(f"{k}={v}" for k, v in fields.items())
+        data = self.request("GET", resource_path(api_version, plural, namespace), query=query or None) or {}
+        return [item for item in data.get("items") or [] if labels_match(item, labels) and fields_match(item, fields)]
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         api_version, plural = kind_route(obj)

@@ -1,4 +1,4 @@
-"""Scale events of a MoEDeployment's reconcile: drains on scale-in, the autoscaler object, unschedulable pods.
+"""Scale events of a MoEDeployment's reconcile: drains on scale-in, the autoscaler object, groups past the progress deadline.
 
 A mixin of the reconciler (handlers._Reconciler): its methods use the
 reconciler's apply / delete / event / named and its ``now``.
@@ -6,26 +6,27 @@ reconciler's apply / delete / event / named and its ``now``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from moeshard.core import naming
 
 from .api import parse_duration
 from .autoscaling import KEDA_API_VERSION, build_autoscaler
 from .deployment import Deployment
-from .live import annotation, group_ready, parse_time, replica_of
+from .live import annotation, group_pods, group_ready, parse_time, replica_of
 from .manifests import KINDS, SERVING_LABEL, pod_index_label
+from .scheduling_wait import Overdue, overdue_message, overdue_pods, waiting_pods
 
 if TYPE_CHECKING:
     from .live import LiveChildren
 
 DRAINING_ANNOTATION = "moeshard.io/draining-since"  # on a group a scale-in drains: when the drain began
-UNSCHEDULABLE_DEADLINE_SECONDS = 600.0  # a pod unschedulable this long makes the deployment Stalled
+PROGRESS_DEADLINE_REASON = "ProgressDeadlineExceeded"  # Progressing=False, as a Deployment says it
 AUTOSCALER_KINDS = ("HorizontalPodAutoscaler", "ScaledObject")
 
 
 class ScalingMixin:
-    """Scale-in drains, the HPA / ScaledObject, and the unschedulable-pod deadline of one reconcile."""
+    """Scale-in drains, the HPA / ScaledObject, and the progress deadline of one reconcile."""
 
     def label_serving(self, d: Deployment, live: "LiveChildren") -> None:
         """Set ``moeshard.io/serving`` on rank 0 of every group: "true" below the desired count, else "false".
@@ -111,20 +112,23 @@ class ScalingMixin:
             if keep is not None:
                 self.apply(desired, live.get(keep))
 
-    def unschedulable(self, pods: list[dict[str, Any]]) -> str:
-        """A message naming a pod unschedulable for longer than the deadline, or ''."""
-        now = parse_time(self.now)
-        for pod in pods:
-            for cond in (pod.get("status") or {}).get("conditions") or []:
-                if (cond.get("type"), cond.get("status"), cond.get("reason")) != ("PodScheduled", "False", "Unschedulable"):
-                    continue
-                try:
-                    since = parse_time(cond.get("lastTransitionTime") or "")
-                except ValueError:
-                    continue
-                waited = (now - since).total_seconds()
-                if waited >= UNSCHEDULABLE_DEADLINE_SECONDS:
-                    return (f"pod {pod['metadata']['name']} unschedulable for {int(waited)} s: "
-                            f"{(cond.get('message') or '')[:300]}")
-        return ""
+    def overdue(self, d: Deployment, live: "LiveChildren") -> Overdue | None:
+        """Groups whose pods wait for a node past ``spec.engine.progressDeadline``: the condition to report.
 
+        The namespace's FailedScheduling Events are listed only when some pod
+        is past the deadline, so a healthy reconcile makes no extra request.
+        A Warning Event is posted when the deadline is first exceeded.
+        """
+        deadline_text = d.spec.engine.progress_deadline
+        now = parse_time(self.now)
+        late = overdue_pods(waiting_pods(live.pods), now, parse_duration(deadline_text))
+        if not late:
+            return None
+        events = self.kube.list("v1", "events", self.namespace,
+                                fields={"involvedObject.kind": "Pod", "reason": "FailedScheduling"})
+        sizes = {r: group_pods(g) for g in live.groups.values() if (r := replica_of(g)) is not None}
+        result = overdue_message(late, sizes, events, now, deadline_text, d.spec.engine.scheduling.kueue_queue)
+        before = {c.get("type"): c for c in (self.body.get("status") or {}).get("conditions") or []}
+        if (before.get("Progressing") or {}).get("reason") != PROGRESS_DEADLINE_REASON:
+            self.event(PROGRESS_DEADLINE_REASON, result.message, "Warning")
+        return result

@@ -56,7 +56,8 @@ class Observation:
     pending_message: str = ""
     group_restarts: list[dict[str, Any]] = field(default_factory=list)
     draining: int = 0  # groups above the desired count, drained before deletion (scale in)
-    unschedulable_message: str = ""  # a pod unschedulable past the deadline: Stalled, not Failed
+    overdue_reason: str | None = None  # pods waiting for a node past progressDeadline: Unschedulable / SchedulingGated
+    overdue_message: str = ""  # ... naming each group, its pod and the scheduler's reason (Stalled, not Failed)
     serving: int = 0  # live groups (of any spec) when the spec is refused; 0 otherwise
     applied_spec: dict[str, Any] | None = None  # the spec this reconcile applied (status.appliedSpec)
 
@@ -117,6 +118,8 @@ def compute_conditions(obs: Observation, phase: str) -> list[dict[str, Any]]:
         progressing = _condition("Progressing", False, obs.failed_reason, obs.failed_message, gen)
     elif obs.pending_reason is not None:
         progressing = _condition("Progressing", False, obs.pending_reason, obs.pending_message, gen)
+    elif obs.overdue_reason is not None:
+        progressing = _condition("Progressing", False, "ProgressDeadlineExceeded", obs.overdue_message, gen)
     elif phase == "Ready":
         progressing = _condition("Progressing", False, "ReconcileComplete", "every replica group is up to date", gen)
     else:
@@ -142,7 +145,7 @@ def compute_kstatus_conditions(obs: Observation, phase: str) -> list[dict[str, A
 
     Stalled      True when the spec cannot make progress without a person: invalid
                  spec, restart budget spent (phase Failed), a required CRD missing
-                 (Pending), a pod unschedulable past the deadline;
+                 (Pending), a group's pods waiting for a node past spec.engine.progressDeadline;
     Reconciling  True while groups are created, rolled, recreated or drained (and
                  not Stalled: kstatus reads Stalled first);
     Ready        True only when every desired group is up to date and serving
@@ -156,8 +159,8 @@ def compute_kstatus_conditions(obs: Observation, phase: str) -> list[dict[str, A
         stalled_reason, stalled_message = obs.failed_reason, obs.failed_message
     elif obs.pending_reason is not None:
         stalled_reason, stalled_message = obs.pending_reason, obs.pending_message
-    elif obs.unschedulable_message:
-        stalled_reason, stalled_message = "Unschedulable", obs.unschedulable_message
+    elif obs.overdue_reason is not None:
+        stalled_reason, stalled_message = obs.overdue_reason, obs.overdue_message
     if stalled_reason is not None:
         return [
             _condition("Ready", False, stalled_reason, stalled_message, gen),

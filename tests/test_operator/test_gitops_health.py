@@ -167,31 +167,6 @@ def test_restart_budget_spent_is_stalled_and_degraded(kube, custom, emulator, ex
     assert status == "Degraded" and "restartBudget" in message
 
 
-def test_unschedulable_past_the_deadline_is_stalled(kube, custom, emulator, example, check_moed):
-    from moeshard.operator.scaling import UNSCHEDULABLE_DEADLINE_SECONDS
-
-    custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, check_moed(example("tiny-cpu")))
-    reconcile(kube, _get(custom), now="2026-12-01T00:00:00Z")
-    pod = kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
-        "name": "tiny-r0-0", "namespace": NS,
-        "labels": {"moeshard.io/deployment": "tiny", "moeshard.io/replica": "0",
-                   "app.kubernetes.io/name": "moeshard-engine"}},
-        "spec": {"containers": [{"name": "engine", "image": "x"}]}})
-    kube.patch("v1", "pods", NS, pod["metadata"]["name"], {"status": {"phase": "Pending", "conditions": [{
-        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-        "lastTransitionTime": "2026-12-01T00:00:00Z", "message": "0/3 nodes are available: 3 Insufficient cpu."}]}},
-        subresource="status")
-    reconcile(kube, _get(custom), now="2026-12-01T00:01:00Z")
-    assert kstatus_assess(_get(custom)) == "InProgress"  # still within the deadline: loading
-    late = f"2026-12-01T00:{int(UNSCHEDULABLE_DEADLINE_SECONDS // 60) + 1:02d}:00Z"
-    reconcile(kube, _get(custom), now=late)
-    body = _get(custom)
-    conditions = {c["type"]: c for c in body["status"]["conditions"]}
-    assert (conditions["Stalled"]["status"], conditions["Stalled"]["reason"]) == ("True", "Unschedulable")
-    assert "Insufficient cpu" in conditions["Stalled"]["message"]
-    assert kstatus_assess(body) == "Failed" and ArgoHealth(HEALTH_LUA.read_text())(body)[0] == "Degraded"
-
-
 def test_missing_leaderworkerset_crd_is_stalled(kube, custom, emulator, example, check_moed):
     body = example("tiny-cpu", **{"spec.engine.groupKind": "LeaderWorkerSet"})
     custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, check_moed(body))

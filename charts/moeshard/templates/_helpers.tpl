@@ -76,7 +76,7 @@ selector and writes them with create / merge-patch / delete; it never watches th
   verbs: [list, patch, delete]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 - apiGroups: [apps]
   resources: [statefulsets]
   verbs: [list, create, patch, delete]
