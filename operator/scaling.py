@@ -13,7 +13,7 @@ from moeshard.core import naming
 from .api import parse_duration
 from .autoscaling import KEDA_API_VERSION, build_autoscaler
 from .deployment import Deployment
-from .live import annotation, group_pods, group_ready, parse_time, replica_of
+from .live import annotation, group_ready, parse_time, replica_of
 from .manifests import KINDS, SERVING_LABEL, pod_index_label
 from .scheduling_wait import Overdue, overdue_message, overdue_pods, waiting_pods
 
@@ -126,7 +126,7 @@ class ScalingMixin:
             return None
         events = self.kube.list("v1", "events", self.namespace,
                                 fields={"involvedObject.kind": "Pod", "reason": "FailedScheduling"})
-        sizes = {r: group_pods(g) for g in live.groups.values() if (r := replica_of(g)) is not None}
+        sizes = {r: d.pods_per_replica for r in range(d.replicas)}  # pods, whichever kind runs the group
         result = overdue_message(late, sizes, events, now, deadline_text, d.spec.engine.scheduling.kueue_queue)
         before = {c.get("type"): c for c in (self.body.get("status") or {}).get("conditions") or []}
         if (before.get("Progressing") or {}).get("reason") != PROGRESS_DEADLINE_REASON:
