@@ -188,8 +188,8 @@ def compute_kstatus_conditions(obs: Observation, phase: str) -> list[dict[str, A
     parts = [f"{n} {what}" for n, what in ((obs.missing, "to create"), (obs.outdated, "to roll"),
                                            (obs.restarted, "recreated after a failure"),
                                            (obs.draining, "draining")) if n]
-    reason = ("DownloadingWeights" if obs.weights_pending else "RollingGroups" if obs.outdated else "RestartingGroups" if obs.restarted or phase == "Degraded"
-              else "CreatingGroups")
+    reason = ("DownloadingWeights" if obs.weights_pending else "RollingGroups" if obs.outdated
+              else "RestartingGroups" if obs.restarted or phase == "Degraded" else "CreatingGroups")
     return [
         _condition("Ready", False, "GroupsNotReady", serving, gen),
         _condition("Reconciling", True, reason, ", ".join(parts + [serving]), gen),

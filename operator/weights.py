@@ -37,7 +37,9 @@ from .api_weights import CACHE_ACCESS_MODES
 from .backends import get_backend
 from .deployment import Deployment
 from .live import LiveChildren, annotation, group_ready
-from .manifests import COMPONENT_WEIGHTS, HASH_ANNOTATION, build_group, child_metadata, pod_security_context, with_hash
+from .manifests import (
+    COMPONENT_WEIGHTS, HASH_ANNOTATION, build_group, child_metadata, pod_security_context, with_hash,
+)
 
 DOWNLOAD_BACKOFF_LIMIT = 3  # pod failures the Job retries before it fails (a network blip, a node lost)
 CACHE_HEADROOM = 1.1  # default claim size: the BF16 checkpoint plus 10%
@@ -183,12 +185,12 @@ class WeightsMixin:
     def weights(self, d: Deployment, live: LiveChildren) -> WeightsState:
         weights = d.spec.model.weights
         previous = (self.body.get("status") or {}).get("weights") or {}
-        # 4. caches of another key, or of an earlier hf:// source, once no group mounts them
+        # 4. (first) caches of another key, or of an earlier hf:// source, once no group mounts them
         jobs, claims = self._owned_weights("Job"), self._owned_weights("PersistentVolumeClaim")
         self._delete_stale(d, live, jobs, claims)
         if not weights.downloaded:  # 1
-            return WeightsState(True, (True, "ProvidedVolume", f"{weights.uri} is mounted read-only; nothing to "
-                                                               "download"), weights_status(d, None))
+            provided = f"{weights.uri} is mounted read-only; nothing to download"
+            return WeightsState(True, (True, "ProvidedVolume", provided), weights_status(d, None))
         # 2. the claim and the Job, created once; a Job deleted here is created again on the next pass
         name = cache_name(d)
         desired_job = build_weights_job(d)
@@ -211,8 +213,8 @@ class WeightsMixin:
         counts = (f"Job {name}: {progress.active} active, {progress.succeeded} succeeded, {progress.failed} failed"
                   + (f", started {progress.start_time}" if progress.start_time else ""))
         if progress.phase == "Succeeded":
-            return WeightsState(True, (True, "Downloaded", f"Job {name} downloaded {status['source']} into "
-                                                           f"PersistentVolumeClaim {name}"), status)
+            done = f"Job {name} downloaded {status['source']} into PersistentVolumeClaim {name}"
+            return WeightsState(True, (True, "Downloaded", done), status)
         if progress.phase == "Failed":
             message = (f"Job {name} failed after {progress.failed} pod failure(s) ({progress.message or 'no reason'}); "
                        "replica groups wait. Fix the source or tokenSecret (a changed spec retries), or delete "
