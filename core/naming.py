@@ -81,3 +81,8 @@ def headless_service_name(name: str, replica: int) -> str:
 def service_name(name: str) -> str:
     """Service in front of rank 0 of every replica."""
     return name
+
+
+def weights_cache_name(name: str, key: str) -> str:
+    """PersistentVolumeClaim and download Job of one hf:// checkpoint (``key``: WeightsSource.cache_key())."""
+    return f"{name}-weights-{key}"

@@ -80,7 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--layers", type=int, default=2)
     t.set_defaults(_engine_run=_run_make_tiny)
 
-    f = sub.add_parser("fetch", help="download a hf:// checkpoint into a folder (the pods' init container)")
+    f = sub.add_parser("fetch", help="download a hf:// checkpoint into a folder (the operator's download Job)")
     f.add_argument("--uri", required=True, help="hf://ORG/NAME")
     f.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     f.add_argument("--out", required=True, help="model folder (kept when it already holds a complete checkpoint)")

@@ -1,10 +1,11 @@
 """Fetch a checkpoint into the engine pod's model folder before the engine starts.
 
-The operator runs ``moeshard engine fetch`` as an init container when the
-weights source is ``hf://ORG/NAME``: it downloads the files the engine reads
-(config.json, safetensors shards and their index, tokenizer files) into the
-pod's model volume. A folder that already holds a complete checkpoint is kept
-as it is, so a restarted pod does not download again: complete means a
+The operator runs ``moeshard engine fetch`` once per MoEDeployment, in a download
+Job, when the weights source is ``hf://ORG/NAME`` (operator/weights.py): it
+downloads the files the engine reads (config.json, safetensors shards and their
+index, tokenizer files) into the cache volume the engine pods then mount
+read-only. A folder that already holds a complete checkpoint is kept as it is,
+so a retried Job pod does not download again: complete means a
 finished fetch left its marker file (``.moeshard-fetch-complete``, written
 only after the download returned) or the folder's safetensors index names
 shards that are all present. A folder with only some ``-of-`` shards and no

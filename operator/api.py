@@ -31,6 +31,7 @@ from .api_base import (
     QUANTITY_PATTERN, DnsSubdomain, LabelValue, Quantity, _Section, check_qualified_names, parse_duration,
 )
 from .api_status import Condition, MoEDeploymentStatus, PlanStatus
+from .api_weights import CACHE_ACCESS_MODES, WeightsCache, WeightsSource
 from .backends import BACKENDS, DEFAULT_BACKEND, get_backend
 from .images import ENGINE_IMAGE
 
@@ -71,21 +72,6 @@ class ArchitectureFields(_Section):
         return self
 
 
-class WeightsSource(_Section):
-    """Where the engine pods read the checkpoint from."""
-
-    uri: str = Field(
-        description="Checkpoint location: hf://ORG/NAME (Hugging Face repo), pvc://CLAIM/PATH "
-        "(a PersistentVolumeClaim mounted read-only), or file:///PATH (a host path already on the node).",
-        pattern=r"^(hf://[^/]+/[^/]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*)$",
-    )
-    revision: str | None = Field(None, description="Revision (branch, tag or commit) for hf:// sources.")
-    token_secret: str | None = Field(
-        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="Secret in the deployment's namespace whose key HF_TOKEN is used to download gated hf:// repos.",
-    )
-
-
 class ModelSpec(_Section):
     """Which MoE model to serve: a preset name or the architecture's figures."""
 
@@ -95,7 +81,7 @@ class ModelSpec(_Section):
     architecture: ArchitectureFields | None = Field(
         None, description="Figures of a custom architecture. Exactly one of preset and architecture."
     )
-    weights: WeightsSource | None = Field(None, description="Checkpoint source for the engine pods.")
+    weights: WeightsSource = Field(description="Checkpoint source for the engine pods (required).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ModelSpec":
@@ -496,12 +482,13 @@ def check_namespace(namespace: Any, field: str) -> str:
 
 
 __all__ = [
-    "API_VERSION", "ARCHITECTURES", "AUTOSCALING_TARGETS", "DNS_LABEL_PATTERN", "DNS_SUBDOMAIN_PATTERN",
-    "DURATION_PATTERN", "ENGINE_ARCHITECTURES", "GROUP", "KIND", "LABEL_VALUE_PATTERN", "MAX_DNS_SUBDOMAIN_LENGTH",
+    "API_VERSION", "ARCHITECTURES", "AUTOSCALING_TARGETS", "CACHE_ACCESS_MODES", "DNS_LABEL_PATTERN",
+    "DNS_SUBDOMAIN_PATTERN", "DURATION_PATTERN", "ENGINE_ARCHITECTURES", "GROUP", "KIND", "LABEL_VALUE_PATTERN",
+    "MAX_DNS_SUBDOMAIN_LENGTH",
     "MAX_LABEL_VALUE_LENGTH", "MAX_NAME_LENGTH", "MAX_QUALIFIED_NAME_LENGTH", "MAX_STABILIZATION_SECONDS",
     "NAME_PATTERN", "PLURAL", "QUALIFIED_NAME_PATTERN", "QUANTITY_PATTERN", "SHORT_NAMES", "SINGULAR", "VERSION",
     "ArchitectureFields", "AutoscalingSpec", "AutoscalingTarget", "Condition", "CustomHardware", "EngineSpec",
     "HardwareSpec", "LoadBalancingSpec", "MoEDeploymentSpec", "MoEDeploymentStatus", "ModelSpec",
-    "ParallelismSpec", "PlanStatus", "SpecError", "WorkloadSpec", "check_namespace", "check_qualified_names",
-    "parse_duration", "parse_resource", "parse_spec",
+    "ParallelismSpec", "PlanStatus", "SpecError", "WeightsCache", "WeightsSource", "WorkloadSpec",
+    "check_namespace", "check_qualified_names", "parse_duration", "parse_resource", "parse_spec",
 ]

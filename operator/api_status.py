@@ -12,8 +12,8 @@ from .api_base import _Section
 class Condition(_Section):
     """A status condition (metav1.Condition)."""
 
-    type: str = Field(description="Planned, Available, Progressing, Degraded, Ready, Reconciling, Stalled, Balanced "
-                                  "or MetricsAvailable.")
+    type: str = Field(description="Planned, Available, Progressing, Degraded, Ready, Reconciling, Stalled, "
+                                  "WeightsReady, Balanced or MetricsAvailable.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason.")
     message: str = Field("", description="Human-readable detail; names the spec field for bad input.")
@@ -39,6 +39,21 @@ class PlanStatus(_Section):
     verdict: str = Field(description="Bottleneck of the plan.")
 
 
+class WeightsStatus(_Section):
+    """The checkpoint the pods read, and for hf:// the download Job's progress."""
+
+    source: str = Field(description="spec.model.weights.uri (and @revision).")
+    phase: Literal["Provided", "Pending", "Downloading", "Succeeded", "Failed"] = Field(
+        description="Provided (pvc:// or file://, mounted as is), or the download Job's phase.")
+    claim: str | None = Field(None, description="PersistentVolumeClaim the checkpoint is downloaded into (hf://).")
+    job: str | None = Field(None, description="Job downloading it (hf://).")
+    active: int | None = Field(None, description="Download pods running.")
+    succeeded: int | None = Field(None, description="Download pods that finished.")
+    failed: int | None = Field(None, description="Download pods that failed (the Job retries up to its backoffLimit).")
+    start_time: str | None = Field(None, description="When the Job started (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the download finished (RFC 3339).")
+
+
 class MoEDeploymentStatus(_Section):
     """Observed state, written only by the operator."""
 
@@ -56,6 +71,7 @@ class MoEDeploymentStatus(_Section):
     draining_replicas: int | None = Field(
         None, description="Replica groups above the desired count, out of the front Service, finishing their "
         "running requests before deletion.")
+    weights: WeightsStatus | None = Field(None, description="The checkpoint and its download (WeightsReady).")
     placement_version: int | None = Field(None, description="Version of the expert placement in the ConfigMap.")
     imbalance_before: float | None = Field(None, description="Max/mean GPU load under the previous placement.")
     imbalance_after: float | None = Field(None, description="Predicted max/mean GPU load under the current placement.")

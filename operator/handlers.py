@@ -18,8 +18,10 @@ Reconcile steps:
   2. list the children (by deployment label and owner uid);
   3. apply the ConfigMap (keep the balancer's placement while it fits the
      plan, otherwise a fresh placement with the next version) and the Service;
-  4. per replica group: apply headless Service, PDB, ComputeDomain; create a
-     missing group; recreate a group whose pod failed after start (restart
+  4. weights (weights.py): an hf:// checkpoint is downloaded once by a Job into
+     a PVC; until it has succeeded (WeightsReady) no group object is created or
+     rolled. Then per replica group: apply headless Service, PDB, ComputeDomain;
+     create a missing group; recreate a group whose pod failed after start (restart
      budget permitting); roll an outdated group (new EP/TP/image) only while
      the other ready groups keep capacity >= replicas - maxUnavailable;
   5. delete everything of the groups at index >= replicas (scale down); with
@@ -71,6 +73,7 @@ from .live import (
 )
 from .scaling import AUTOSCALER_KINDS, ScalingMixin
 from .spec_diff import applied_spec, spec_change_note
+from .weights import WeightsMixin
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class Outcome:
     status: dict[str, Any] | None = None
 
 
-class _Reconciler(ScalingMixin):
+class _Reconciler(ScalingMixin, WeightsMixin):
     """State of one reconcile pass (a helper of ``reconcile``; not kept between passes)."""
 
     def __init__(self, kube: Kube, body: dict[str, Any], now: str):
@@ -268,8 +271,10 @@ class _Reconciler(ScalingMixin):
         self.config_map(d, live.config_maps.get(naming.config_map_name(self.name)))
         self.apply(build_service(d), live.services.get(naming.service_name(self.name)))
 
-        # 4. per-group objects, then the groups themselves
-        for r in range(d.replicas):
+        # 4. weights (hf:// downloaded once, weights.py): until WeightsReady no group object is created or rolled;
+        #    then per-group objects, then the groups themselves
+        weights = self.weights(d, live)
+        for r in range(d.replicas if weights.ready else 0):
             self.apply(build_headless_service(d, d.group(r)),
                        live.services.get(naming.headless_service_name(self.name, r)))
             self.apply(build_pod_disruption_budget(d, d.group(r)), live.pdbs.get(naming.group_name(self.name, r)))
@@ -277,9 +282,9 @@ class _Reconciler(ScalingMixin):
                 self.apply(build_compute_domain(d, d.group(r)), live.domains.get(naming.group_name(self.name, r)))
             if spec.engine.network_policy:
                 self.apply(build_network_policy(d, d.group(r)), live.policies.get(naming.group_name(self.name, r)))
-        for group in live.other_kind_groups.values():  # groupKind changed: the old kind's groups go
+        for group in live.other_kind_groups.values() if weights.ready else ():  # groupKind changed: old kind goes
             self.delete_group(group, live.pods, "spec.engine.groupKind changed")
-        counts = self.groups(d, live)
+        counts = self.groups(d, live) if weights.ready else self.held_counts(d, live, weights)
 
         # 5. scale down: everything of a group index >= replicas (and ComputeDomains or NetworkPolicies no
         #    longer asked for), once drained when spec.autoscaling asks for drains; then the autoscaler object
@@ -303,7 +308,8 @@ class _Reconciler(ScalingMixin):
         self.write_status(Observation(**obs, **counts, draining=len(draining),
                                       overdue_reason=overdue.reason if overdue else None,
                                       overdue_message=overdue.message if overdue else "",
-                                      applied_spec=self.body.get("spec")))
+                                      applied_spec=self.body.get("spec"), weights=weights.status,
+                                      weights_condition=weights.condition, weights_pending=weights.pending_message))
         self.outcome.settled = (counts["ready"] == d.replicas and not (
             counts["missing"] or counts["outdated"] or counts["restarted"] or draining)) or bool(
             counts["failed_reason"])
@@ -381,7 +387,7 @@ def cleanup(kube: Kube, body: dict[str, Any]) -> Outcome:
     """Delete every child of a MoEDeployment (the finalizer's work; on a real cluster the GC would follow)."""
     rec = _Reconciler(kube, body, now_rfc3339())
     for kind in (*AUTOSCALER_KINDS, "StatefulSet", "LeaderWorkerSet", "ComputeDomain", "PodDisruptionBudget",
-                 "NetworkPolicy", "Service", "ConfigMap", "Pod"):
+                 "NetworkPolicy", "Service", "ConfigMap", "Job", "PersistentVolumeClaim", "Pod"):
         for obj in rec.children(kind):
             if kind == "Pod":
                 kube.delete("v1", "pods", rec.namespace, obj["metadata"]["name"])

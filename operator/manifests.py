@@ -7,6 +7,8 @@ the operator creates.
 Objects of one MoEDeployment ``NAME`` with R replicas (DP groups), each group
 of P pods x G GPUs (P x G = EP ranks):
 
+    PersistentVolumeClaim NAME-weights-KEY       hf:// weights cache (weights.py; KEY hashes uri, revision, cache)
+    Job                   NAME-weights-KEY       downloads the hf:// checkpoint into it once (weights.py)
     ConfigMap             NAME-config            plan.json + placement.json (mounted at /etc/moeshard)
     Service               NAME                   rank 0 of every group (the completions API)
     per replica r < R:
@@ -53,6 +55,7 @@ COMPUTE_DOMAIN_CLAIM = "compute-domain"
 COMPONENT_ENGINE = "engine"
 COMPONENT_CONFIG = "config"
 COMPONENT_SERVICE = "service"
+COMPONENT_WEIGHTS = "weights"
 ENGINE_UID = 65532  # the engine image's user (images/engine/Containerfile)
 
 
@@ -70,6 +73,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "Event": ("v1", "events"),
     "StatefulSet": ("apps/v1", "statefulsets"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+    "Job": ("batch/v1", "jobs"),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
     "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "LeaderWorkerSet": (LWS_API_VERSION, "leaderworkersets"),
     "ComputeDomain": (COMPUTE_DOMAIN_API_VERSION, "computedomains"),
@@ -77,6 +82,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
     KIND: (API_VERSION, "moedeployments"),
 }
+# Kinds created once and never patched (an immutable claim spec and Job template): list, create, delete only.
+CREATE_ONLY_KINDS = frozenset({"Job", "PersistentVolumeClaim"})
 # Kinds kubernetes-validate has no schema for (custom resources of other projects).
 CUSTOM_KINDS = frozenset({"LeaderWorkerSet", "ComputeDomain", "ScaledObject", KIND})
 
@@ -92,7 +99,7 @@ def build_owner_reference(d: Deployment) -> dict[str, Any]:
     }
 
 
-def _metadata(d: Deployment, name: str, component: str, group: GroupRef | None = None) -> dict[str, Any]:
+def child_metadata(d: Deployment, name: str, component: str, group: GroupRef | None = None) -> dict[str, Any]:
     labels = naming.base_labels(d.name) | {naming.LABEL_COMPONENT: component}
     if group is not None:
         labels[naming.LABEL_REPLICA] = str(group.index)
@@ -158,7 +165,7 @@ def build_config_map(d: Deployment, placement: Placement | None) -> dict[str, An
     """ConfigMap with the engine's files (placement None: keep the live placement.json)."""
     return with_hash({
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": _metadata(d, naming.config_map_name(d.name), COMPONENT_CONFIG),
+        "metadata": child_metadata(d, naming.config_map_name(d.name), COMPONENT_CONFIG),
         "data": get_backend(d.spec.engine.backend).config_data(d, placement),
     })
 
@@ -181,7 +188,7 @@ def build_service(d: Deployment) -> dict[str, Any]:
     selector = rank0_selector(d) | ({SERVING_LABEL: "true"} if d.spec.autoscaling is not None else {})
     return with_hash({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _metadata(d, naming.service_name(d.name), COMPONENT_SERVICE),
+        "metadata": child_metadata(d, naming.service_name(d.name), COMPONENT_SERVICE),
         "spec": {
             "type": "ClusterIP",
             "selector": selector,
@@ -194,7 +201,7 @@ def build_headless_service(d: Deployment, group: GroupRef) -> dict[str, Any]:
     """Headless Service giving the pods of one group stable DNS names (pod 0 = rendezvous)."""
     return with_hash({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _metadata(d, naming.headless_service_name(d.name, group.index), COMPONENT_ENGINE, group),
+        "metadata": child_metadata(d, naming.headless_service_name(d.name, group.index), COMPONENT_ENGINE, group),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # ranks must resolve each other before they are ready
@@ -274,7 +281,7 @@ def build_pod_template(d: Deployment, group: GroupRef) -> dict[str, Any]:
 
 
 def _group_metadata(d: Deployment, group: GroupRef) -> dict[str, Any]:
-    meta = _metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group)
+    meta = child_metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group)
     if d.spec.engine.scheduling.kueue_queue:
         meta["labels"][KUEUE_QUEUE_LABEL] = d.spec.engine.scheduling.kueue_queue
     return meta
@@ -329,7 +336,7 @@ def build_network_policy(d: Deployment, group: GroupRef) -> dict[str, Any]:
     port (completions API, /metrics) from anywhere else."""
     return with_hash({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": _metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
+        "metadata": child_metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
         "spec": {
             "podSelector": {"matchLabels": group_labels(d, group)},
             "policyTypes": ["Ingress"],
@@ -350,7 +357,7 @@ def build_pod_disruption_budget(d: Deployment, group: GroupRef) -> dict[str, Any
     """
     return with_hash({
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-        "metadata": _metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
+        "metadata": child_metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
         "spec": {
             "minAvailable": group.candidate.pods_per_replica,
             "selector": {"matchLabels": group_labels(d, group)},
@@ -367,7 +374,7 @@ def build_compute_domain(d: Deployment, group: GroupRef) -> dict[str, Any]:
     """NVIDIA DRA ComputeDomain of one group (IMEX channels for multi-node NVLink)."""
     return with_hash({
         "apiVersion": COMPUTE_DOMAIN_API_VERSION, "kind": "ComputeDomain",
-        "metadata": _metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
+        "metadata": child_metadata(d, naming.group_name(d.name, group.index), COMPONENT_ENGINE, group),
         "spec": {
             "numNodes": group.candidate.pods_per_replica,
             "channel": {"resourceClaimTemplate": {"name": compute_domain_claim_template(d, group)}},

@@ -1,6 +1,6 @@
 """Status of a MoEDeployment: phase and conditions from what the reconcile observed. Pure.
 
-The operator owns the conditions Planned, Available, Progressing and Degraded,
+The operator owns the conditions Planned, Available, Progressing, Degraded and WeightsReady,
 the kstatus conditions Ready, Reconciling and Stalled (what Flux and other
 kstatus readers assess; see ``compute_kstatus_conditions``) and the fields
 below; the balancer owns Balanced, MetricsAvailable and the placement fields.
@@ -9,13 +9,19 @@ below; the balancer owns Balanced, MetricsAvailable and the placement fields.
 reconcile that changes nothing produces an identical status (and no write).
 
 Phase, first rule that matches:
-    Degraded     the new spec is invalid, or a child of it was refused (ApplyRejected), while groups
-                 of an earlier spec still run (they are left as they are; Available counts them)
-    Failed       the spec is invalid, or a group exhausted the restart budget, or a child was refused
+    Degraded     the new spec is invalid, or a child of it was refused (ApplyRejected), or its weights
+                 download failed (DownloadFailed), while groups of an earlier spec still run (they are
+                 left as they are; Available counts them)
+    Failed       the spec is invalid, or a group exhausted the restart budget, or a child was refused,
+                 or the weights download failed
     Pending      nothing can be created yet (e.g. the LeaderWorkerSet CRD is missing)
     Ready        every desired group is up to date and ready
     Degraded     fewer groups ready than desired after having been Ready/Degraded
-    Progressing  groups being created, rolled or recreated
+    Progressing  groups being created, rolled or recreated, or waiting for the weights download
+
+WeightsReady (operator/weights.py) says whether the checkpoint is there: True for a mounted
+pvc:// or file:// source and a finished hf:// download; while it is False no group is created
+or rolled.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# Written by every reconcile; WeightsReady (also the reconciler's) only once the spec is valid and planned.
 OWNED_CONDITIONS = ("Planned", "Available", "Progressing", "Degraded", "Ready", "Reconciling", "Stalled")
 OWNED_FIELDS = ("observedGeneration", "phase", "conditions", "plan", "replicas", "readyReplicas", "selector",
-                "groupRestarts", "drainingReplicas", "appliedSpec")
+                "groupRestarts", "drainingReplicas", "appliedSpec", "weights")
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,9 @@ class Observation:
     overdue_message: str = ""  # ... naming each group, its pod and the scheduler's reason (Stalled, not Failed)
     serving: int = 0  # live groups (of any spec) when the spec is refused; 0 otherwise
     applied_spec: dict[str, Any] | None = None  # the spec this reconcile applied (status.appliedSpec)
+    weights: dict[str, Any] | None = None  # status.weights (operator/weights.py): source, download Job progress
+    weights_condition: tuple[bool, str, str] | None = None  # WeightsReady: status, reason, message
+    weights_pending: str = ""  # the download Job still runs: the groups wait (Progressing, DownloadingWeights)
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
@@ -68,7 +78,8 @@ def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) 
 
 
 def _refused_while_serving(obs: Observation) -> bool:
-    return obs.serving > 0 and (obs.invalid_field is not None or obs.failed_reason == "ApplyRejected")
+    return obs.serving > 0 and (obs.invalid_field is not None or obs.failed_reason in ("ApplyRejected",
+                                                                                          "DownloadFailed"))
 
 
 def compute_phase(obs: Observation, previous_phase: str | None) -> str:
@@ -120,6 +131,8 @@ def compute_conditions(obs: Observation, phase: str) -> list[dict[str, Any]]:
         progressing = _condition("Progressing", False, obs.pending_reason, obs.pending_message, gen)
     elif obs.overdue_reason is not None:
         progressing = _condition("Progressing", False, "ProgressDeadlineExceeded", obs.overdue_message, gen)
+    elif obs.weights_pending:
+        progressing = _condition("Progressing", True, "DownloadingWeights", obs.weights_pending, gen)
     elif phase == "Ready":
         progressing = _condition("Progressing", False, "ReconcileComplete", "every replica group is up to date", gen)
     else:
@@ -178,8 +191,8 @@ def compute_kstatus_conditions(obs: Observation, phase: str) -> list[dict[str, A
     parts = [f"{n} {what}" for n, what in ((obs.missing, "to create"), (obs.outdated, "to roll"),
                                            (obs.restarted, "recreated after a failure"),
                                            (obs.draining, "draining")) if n]
-    reason = ("RollingGroups" if obs.outdated else "RestartingGroups" if obs.restarted or phase == "Degraded"
-              else "CreatingGroups")
+    reason = ("DownloadingWeights" if obs.weights_pending else "RollingGroups" if obs.outdated
+              else "RestartingGroups" if obs.restarted or phase == "Degraded" else "CreatingGroups")
     return [
         _condition("Ready", False, "GroupsNotReady", serving, gen),
         _condition("Reconciling", True, reason, ", ".join(parts + [serving]), gen),
@@ -217,11 +230,13 @@ def compute_status(obs: Observation, previous: dict[str, Any] | None, now: str) 
     """The owned part of ``status`` (camelCase), to be merge-patched onto the live status."""
     previous = previous or {}
     phase = compute_phase(obs, previous.get("phase"))
+    updates = compute_conditions(obs, phase) + compute_kstatus_conditions(obs, phase)
+    if obs.weights_condition is not None:
+        updates.append(_condition("WeightsReady", *obs.weights_condition, obs.generation))
     status: dict[str, Any] = {
         "observedGeneration": obs.generation,
         "phase": phase,
-        "conditions": merge_conditions(previous.get("conditions"), compute_conditions(obs, phase)
-                                       + compute_kstatus_conditions(obs, phase), now),
+        "conditions": merge_conditions(previous.get("conditions"), updates, now),
     }
     if obs.invalid_field is None:
         status |= {"plan": obs.plan, "replicas": obs.replicas, "readyReplicas": obs.ready,
@@ -229,6 +244,8 @@ def compute_status(obs: Observation, previous: dict[str, Any] | None, now: str) 
                    "drainingReplicas": obs.draining}
     elif obs.serving:
         status["readyReplicas"] = obs.ready
+    if obs.weights is not None:  # keys the new value lacks are removed (null in a merge patch)
+        status["weights"] = {k: None for k in previous.get("weights") or {} if k not in obs.weights} | obs.weights
     if obs.applied_spec is not None:  # a JSON string: a merge patch of a nested object would keep removed keys
         status["appliedSpec"] = json.dumps(obs.applied_spec, sort_keys=True, separators=(",", ":"))
     return status

@@ -8,6 +8,7 @@ everything the operator needs to know about it goes through one
 
     which architectures it serves          architectures, check_model
     the pod's containers and volumes       pod(deployment, group, context)
+    how an hf:// checkpoint is downloaded  fetch_container(deployment) (the operator's download Job)
     what the ConfigMap holds for it        config_data(deployment, placement)
     whether it takes an expert placement   takes_placement
     how to read its per-expert load        expert_load_query(name, namespace, window)
@@ -58,6 +59,10 @@ class EngineBackend(Protocol):
 
     def pod(self, d: "Deployment", group: "GroupRef", context: PodContext) -> EnginePod:
         """Containers, init containers and volumes of every pod of ``group``."""
+
+    def fetch_container(self, d: "Deployment") -> dict[str, Any]:
+        """The container that downloads ``spec.model.weights`` (hf://) into the volume ``model`` at the engine's
+        model folder; the operator runs it once per checkpoint in a Job whose claim the pods then mount."""
 
     def config_data(self, d: "Deployment", placement: "Placement | None") -> dict[str, str]:
         """The ConfigMap's data; ``placement`` None leaves the live placement alone."""

@@ -17,7 +17,7 @@ from moeshard.core.engine_env import (
     CONFIG_MOUNT, HEARTBEAT_FILE, MODEL_MOUNT, READY_FILE, RENDEZVOUS_PORT, build_engine_env,
 )
 from moeshard.core.naming import (
-    GPU_RESOURCE, METRIC_EXPERT_TOKENS, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, config_map_name,
+    GPU_RESOURCE, METRIC_EXPERT_TOKENS, SCOPE_DEPLOYMENT, SCOPE_NAMESPACE, config_map_name, weights_cache_name,
 )
 from moeshard.core.placement import PLACEMENT_KEY, PLAN_KEY
 
@@ -34,14 +34,17 @@ TMP_MOUNT = "/tmp"  # the only writable path of the read-only root: heartbeat, r
 PROBE_PERIOD_SECONDS = 10
 ENGINE_COMMAND = ["moeshard", "engine", "serve"]
 FETCH_COMMAND = ["moeshard", "engine", "fetch"]
+FETCH_CONTAINER = "fetch-weights"
+# A download is network- and disk-bound: two CPUs and 4Gi keep huggingface_hub's parallel workers busy.
+FETCH_RESOURCES = {"cpu": "2", "memory": "4Gi"}
 _LABEL_VALUE_FORBIDDEN = set('"\\\n')
 
 
-def _model_volume(spec: "MoEDeploymentSpec") -> dict[str, Any]:
-    weights = spec.model.weights
-    if weights is None or weights.uri.startswith("hf://"):
-        # hf://: an init container downloads into it (_fetch_container).
-        return {"name": "model", "emptyDir": {}}
+def _model_volume(d: "Deployment") -> dict[str, Any]:
+    weights = d.spec.model.weights
+    if weights.downloaded:  # the cache volume the operator's download Job filled (operator/weights.py)
+        claim = weights_cache_name(d.name, weights.cache_key())
+        return {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
     if weights.uri.startswith("pvc://"):
         claim = weights.uri.removeprefix("pvc://").split("/", 1)[0]
         return {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
@@ -49,36 +52,30 @@ def _model_volume(spec: "MoEDeploymentSpec") -> dict[str, Any]:
 
 
 def _model_mount(spec: "MoEDeploymentSpec") -> dict[str, Any]:
-    mount: dict[str, Any] = {"name": "model", "mountPath": MODEL_MOUNT}
+    mount: dict[str, Any] = {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}
     weights = spec.model.weights
-    if weights is not None and weights.uri.startswith("pvc://"):
-        mount["readOnly"] = True
+    if weights.uri.startswith("pvc://"):
         sub_path = weights.uri.removeprefix("pvc://").partition("/")[2].strip("/")
         if sub_path:
             mount["subPath"] = sub_path
-    elif weights is not None and weights.uri.startswith("file://"):
-        mount["readOnly"] = True
     return mount
 
 
-def _fetch_container(d: "Deployment") -> dict[str, Any] | None:
-    """Init container downloading hf:// weights into the model volume (None for other sources)."""
+def fetch_container(d: "Deployment") -> dict[str, Any]:
+    """The container of the download Job (operator/weights.py): ``moeshard engine fetch`` of the hf:// source
+    into the cache volume at MODEL_MOUNT, from the engine image, restricted like the engine container."""
     weights = d.spec.model.weights
-    if weights is None or not weights.uri.startswith("hf://"):
-        return None
     command = [*FETCH_COMMAND, "--uri", weights.uri, "--out", MODEL_MOUNT]
     if weights.revision:
         command += ["--revision", weights.revision]
     container: dict[str, Any] = {
-        "name": "fetch-weights",
+        "name": FETCH_CONTAINER,
         "image": d.spec.engine.image,
         "imagePullPolicy": d.spec.engine.image_pull_policy,
         "command": command,
         "env": [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
         "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}, {"name": "tmp", "mountPath": TMP_MOUNT}],
-        # The engine's CPU and memory (no GPU), requests = limits: the pod keeps Guaranteed QoS and its
-        # effective request (max of init and app containers) does not grow.
-        "resources": _cpu_memory(d.spec),
+        "resources": {"requests": dict(FETCH_RESOURCES), "limits": dict(FETCH_RESOURCES)},  # Guaranteed QoS
         "securityContext": container_security_context(()),
     }
     if weights.token_secret:
@@ -87,11 +84,6 @@ def _fetch_container(d: "Deployment") -> dict[str, Any] | None:
             "valueFrom": {"secretKeyRef": {"name": weights.token_secret, "key": "HF_TOKEN"}},
         })
     return container
-
-
-def _cpu_memory(spec: "MoEDeploymentSpec") -> dict[str, Any]:
-    limits = {"cpu": spec.engine.resources.cpu, "memory": spec.engine.resources.memory}
-    return {"requests": dict(limits), "limits": limits}
 
 
 def container_security_context(capabilities: "tuple[str, ...] | list[str]") -> dict[str, Any]:
@@ -193,18 +185,19 @@ class MoEShardEngine:
             )
 
     def pod(self, d: "Deployment", group: "GroupRef", context: PodContext) -> EnginePod:
-        fetch = _fetch_container(d)
         return EnginePod(
             containers=[_engine_container(d, group, context)],
-            init_containers=[fetch] if fetch is not None else [],
             volumes=[
                 {"name": "config", "configMap": {"name": config_map_name(d.name)}},
-                _model_volume(d.spec),
+                _model_volume(d),
                 # NCCL / gloo shared memory; memory-backed, so it counts against the memory limit: bounded.
                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": d.spec.engine.shm_size}},
                 {"name": "tmp", "emptyDir": {}},
             ],
         )
+
+    def fetch_container(self, d: "Deployment") -> dict[str, Any]:
+        return fetch_container(d)
 
     def config_data(self, d: "Deployment", placement: "Placement | None") -> dict[str, str]:
         data = {PLAN_KEY: json.dumps(d.plan.to_json(), sort_keys=True, separators=(",", ":"))}

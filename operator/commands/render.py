@@ -63,6 +63,7 @@ def render_objects(body: dict[str, Any], namespace: str | None = None) -> list[d
     from ..deployment import Deployment
     from ..manifests import build_all
     from ..planner import plan_for_spec
+    from ..weights import build_weights_objects
 
     from ..api import check_namespace
 
@@ -75,7 +76,8 @@ def render_objects(body: dict[str, Any], namespace: str | None = None) -> list[d
         uid=meta.get("uid") or PLACEHOLDER_UID, spec=spec, plan=plan_for_spec(spec),
     )
     autoscaler = build_autoscaler(deployment)
-    return build_all(deployment) + ([autoscaler] if autoscaler is not None else [])
+    return (build_weights_objects(deployment) + build_all(deployment)
+            + ([autoscaler] if autoscaler is not None else []))
 
 
 def run(args: argparse.Namespace) -> int:

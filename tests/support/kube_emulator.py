@@ -119,6 +119,8 @@ BUILTIN_RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/pods": _resource_info("Pod", subresources=(STATUS,)),
     "v1/services": _resource_info("Service", subresources=(STATUS,)),
     "v1/configmaps": _resource_info("ConfigMap"),
+    "v1/persistentvolumeclaims": _resource_info("PersistentVolumeClaim", subresources=(STATUS,)),
+    "batch/v1/jobs": _resource_info("Job", subresources=(STATUS,)),  # no Job controller: tests patch its status
     "v1/events": _resource_info("Event"),
     "apps/v1/statefulsets": _resource_info("StatefulSet", subresources=(STATUS, SCALE)),
     "policy/v1/poddisruptionbudgets": _resource_info("PodDisruptionBudget", subresources=(STATUS,)),

@@ -16,7 +16,8 @@ from support.kube_admission import apply_defaults, schema_causes
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
-BASE = {"model": {"preset": "qwen3-235b-a22b"}, "hardware": {"profile": "gb200-nvl72"}}
+W = {"weights": {"uri": "hf://Qwen/Qwen3-235B-A22B"}}  # required in every model section
+BASE = {"model": {"preset": "qwen3-235b-a22b", **W}, "hardware": {"profile": "gb200-nvl72"}}
 
 
 def _with(**sections):
@@ -37,9 +38,9 @@ BAD_SPECS = [
     (_with(parallelism__expertEP=16, parallelism__attentionTP=3), "spec.parallelism.attentionTP"),
     (_with(parallelism__attentionTP=8), "spec.parallelism.attentionTP"),
     (_with(parallelism__replicas=-1), "spec.parallelism.replicas"),
-    (_with(model={"preset": "gpt-5"}), "spec.model.preset"),
-    (_with(model={}), "spec.model"),
-    (_with(model={"preset": "mixtral-8x7b", "architecture": {"type": "mixtral"}}), "spec.model.architecture.numLayers"),
+    (_with(model={**W, "preset": "gpt-5"}), "spec.model.preset"),
+    (_with(model={**W, }), "spec.model"),
+    (_with(model={**W, "preset": "mixtral-8x7b", "architecture": {"type": "mixtral"}}), "spec.model.architecture.numLayers"),
     (_with(hardware={"profile": "tpu-v5"}), "spec.hardware.profile"),
     (_with(hardware={"profile": "h100-hgx", "custom": {"gpusPerNode": 8, "gpusPerDomain": 12}}), "spec.hardware.custom.gpusPerDomain"),
     (_with(loadBalancing__interval="5 minutes"), "spec.loadBalancing.interval"),
@@ -47,22 +48,22 @@ BAD_SPECS = [
     (_with(loadBalancing__prometheusURL="prometheus:9090"), "spec.loadBalancing.prometheusURL"),
     (_with(workload__prefillTokens=0), "spec.workload.prefillTokens"),
     (_with(engine__groupKind="Deployment"), "spec.engine.groupKind"),
-    (_with(model={"architecture": {"type": "qwen3_moe", "numLayers": 2, "hiddenSize": 64, "numExperts": 4,
+    (_with(model={**W, "architecture": {"type": "qwen3_moe", "numLayers": 2, "hiddenSize": 64, "numExperts": 4,
                                    "topK": 8, "expertIntermediateSize": 32, "numAttentionHeads": 4,
                                    "numKVHeads": 2, "headDim": 16, "vocabSize": 128}}), "spec.model.architecture.topK"),
-    (_with(model={"preset": "qwen3-235b-a22b", "weights": {"uri": "ftp://x"}}), "spec.model.weights.uri"),
-    (_with(model={"preset": "deepseek-v3"}), "spec.model.preset"),
-    (_with(model={"architecture": {"type": "deepseek_v3", "numLayers": 4, "hiddenSize": 64, "numExperts": 8,
+    (_with(model={**W, "preset": "qwen3-235b-a22b", "weights": {"uri": "ftp://x"}}), "spec.model.weights.uri"),
+    (_with(model={**W, "preset": "deepseek-v3"}), "spec.model.preset"),
+    (_with(model={**W, "architecture": {"type": "deepseek_v3", "numLayers": 4, "hiddenSize": 64, "numExperts": 8,
                                    "topK": 2, "expertIntermediateSize": 32, "numAttentionHeads": 4,
                                    "numKVHeads": 4, "headDim": 16, "vocabSize": 128}}), "spec.model.architecture.type"),
-    (_with(model={"architecture": {"type": "qwen3_moe", "numLayers": 4, "hiddenSize": 64, "numExperts": 8,
+    (_with(model={**W, "architecture": {"type": "qwen3_moe", "numLayers": 4, "hiddenSize": 64, "numExperts": 8,
                                    "topK": 2, "expertIntermediateSize": 32, "numAttentionHeads": 4,
                                    "numKVHeads": 4, "headDim": 16, "vocabSize": 128, "firstDenseLayers": 1}}),
      "spec.model.architecture.firstDenseLayers"),
     (_with(engine__port=29500), "spec.engine.port"),
     (_with(loadBalancing__interval="0m0s"), "spec.loadBalancing.interval"),
     (_with(loadBalancing__window="0s"), "spec.loadBalancing.window"),
-    (_with(model={"preset": "qwen3-235b-a22b", "architecture": {
+    (_with(model={**W, "preset": "qwen3-235b-a22b", "architecture": {
         "type": "qwen3_moe", "numLayers": 2, "hiddenSize": 64, "numExperts": 8, "topK": 2,
         "expertIntermediateSize": 32, "numAttentionHeads": 4, "numKVHeads": 2, "headDim": 16, "vocabSize": 128}}),
      "spec.model"),
@@ -86,6 +87,18 @@ BAD_SPECS += [
     (_with(engine__scheduling__tolerations=[{"key": "a b"}]), "spec.engine.scheduling.tolerations.0.key"),
     (_with(engine__scheduling__tolerations=[{"value": "a b"}]), "spec.engine.scheduling.tolerations.0.value"),
     (_with(hardware__custom={"memoryGB": True}), "spec.hardware.custom.memoryGB"),
+]
+# spec.model.weights: required, and its cache volume's fields (operator/api_weights.py).
+BAD_SPECS += [
+    (_with(model={"preset": "qwen3-235b-a22b"}), "spec.model.weights"),
+    (_with(model__weights={"uri": "hf://Qwen/Qwen3-235B-A22B", "cache": {"accessMode": "ReadWriteAll"}}),
+     "spec.model.weights.cache.accessMode"),
+    (_with(model__weights={"uri": "hf://Qwen/Qwen3-235B-A22B", "cache": {"storageClassName": "Fast SSD"}}),
+     "spec.model.weights.cache.storageClassName"),
+    (_with(model__weights={"uri": "hf://Qwen/Qwen3-235B-A22B", "cache": {"size": "500GB"}}),
+     "spec.model.weights.cache.size"),
+    (_with(model__weights={"uri": "hf://Qwen/Qwen3-235B-A22B", "revision": "main branch"}),
+     "spec.model.weights.revision"),
 ]
 UNKNOWN_FIELD = (_with(parallelism__expertEp=16), "spec.parallelism.expertEp")
 

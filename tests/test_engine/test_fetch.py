@@ -1,4 +1,4 @@
-"""`moeshard engine fetch` (the pods' init container for hf:// weights), without network."""
+"""`moeshard engine fetch` (the operator's download Job for hf:// weights), without network."""
 
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ from support.kube_admission import Admission, AdmissionError, Cause, apply_defau
 NS = "test"
 GROUP, VERSION, PLURAL = "moeshard.io", "v1alpha1", "moedeployments"
 MINIMAL = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MoEDeployment", "metadata": {"name": "mini"},
-           "spec": {"model": {"preset": "qwen3-30b-a3b"}, "hardware": {"profile": "h100-hgx"}}}
+           "spec": {"model": {"preset": "qwen3-30b-a3b", "weights": {"uri": "pvc://models/qwen3-30b"}},
+                    "hardware": {"profile": "h100-hgx"}}}
 
 
 def _refusal(call) -> dict:

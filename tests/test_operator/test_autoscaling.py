@@ -39,7 +39,7 @@ MOED_EXAMPLES = [p for p in EXAMPLES if yaml.safe_load(p.read_text()).get("kind"
 GROUP, VERSION, PLURAL, NS = "moeshard.io", "v1alpha1", "moedeployments", "test"
 STS, SVC, PDB, CM, PODS = "apps/v1/statefulsets", "v1/services", "policy/v1/poddisruptionbudgets", "v1/configmaps", "v1/pods"
 HPA, SO = "autoscaling/v2/horizontalpodautoscalers", "keda.sh/v1alpha1/scaledobjects"
-BASE = {"model": {"preset": "qwen3-235b-a22b"}, "hardware": {"profile": "gb200-nvl72"}}
+BASE = {"model": {"preset": "qwen3-235b-a22b", "weights": {"uri": "pvc://models/qwen3-235b"}}, "hardware": {"profile": "gb200-nvl72"}}
 AUTO = {"maxReplicas": 4, "target": {"waitingRequestsPerReplica": 8}}
 
 _STRING = {"type": "string", "minLength": 1}

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from moeshard.operator.commands import run_operator
-from moeshard.operator.manifests import KINDS
+from moeshard.operator.manifests import CREATE_ONLY_KINDS, KINDS
 
 CHART = pathlib.Path(__file__).resolve().parents[2] / "charts" / "moeshard"
 
@@ -98,7 +98,8 @@ def test_rbac_covers_every_kind_the_operator_writes():
         if kind == "MoEDeployment":
             assert _allowed(rules, api_version, "moedeployments/status", "patch")
             continue
-        verbs = ("create",) if kind == "Event" else ("list", "patch", "delete") if kind == "Pod" else ("list", "create", "patch", "delete")
+        verbs = ("create",) if kind == "Event" else ("list", "patch", "delete") if kind == "Pod" else (
+            ("list", "create", "delete") if kind in CREATE_ONLY_KINDS else ("list", "create", "patch", "delete"))
         for verb in verbs:
             assert _allowed(rules, api_version, plural, verb), (kind, verb)
     assert _allowed(rules, "v1", "namespaces", "watch")  # kopf never starts without it

@@ -1,7 +1,7 @@
 """Hardened engine pods: restricted security, Guaranteed QoS, bounded /dev/shm, heartbeat probes on every rank.
 
 Every example is rendered (the same builders the operator applies) and each
-engine pod template is checked; checkov, a third-party policy scanner, runs
+engine pod template (and the hf:// download Job's pod) is checked; checkov, a third-party policy scanner, runs
 once over all rendered examples (it is slow to start) with the checks the
 chart must pass (see CHECKS).
 """
@@ -35,6 +35,24 @@ def _rendered(name: str) -> list[dict]:
     return render_objects(body)
 
 
+def _job_templates(objs: list[dict]) -> list[dict]:
+    return [obj["spec"]["template"] for obj in objs if obj["kind"] == "Job"]
+
+
+def _check_restricted(spec: dict) -> None:
+    """Pod and container security of any pod the operator starts: restricted, read-only root, Guaranteed QoS."""
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["seccompProfile"] == {
+        "type": "RuntimeDefault"}
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+        assert container["resources"]["requests"] == {
+            k: v for k, v in container["resources"]["limits"].items()}, container["name"]
+        assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]  # the writable path
+
+
 def _pod_templates(objs: list[dict]) -> list[dict]:
     out = []
     for obj in objs:
@@ -47,20 +65,14 @@ def _pod_templates(objs: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_engine_pods_are_hardened(name, check_builtin):
-    templates = _pod_templates(_rendered(name))
+    objs = _rendered(name)
+    templates = _pod_templates(objs)
     assert templates
+    for template in _job_templates(objs):  # the hf:// download (a Job: no probes, it runs to completion)
+        _check_restricted(template["spec"])
     for template in templates:
         spec = template["spec"]
-        assert spec["automountServiceAccountToken"] is False
-        assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["seccompProfile"] == {
-            "type": "RuntimeDefault"}
-        for container in spec.get("initContainers", []) + spec["containers"]:
-            sc = container["securityContext"]
-            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
-            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
-            assert container["resources"]["requests"] == {
-                k: v for k, v in container["resources"]["limits"].items()}, container["name"]
-            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]  # the writable path
+        _check_restricted(spec)
         engine = spec["containers"][0]
         assert engine["startupProbe"]["exec"]["command"] == ["test", "-f", HEARTBEAT_FILE]
         assert HEARTBEAT_FILE in engine["livenessProbe"]["exec"]["command"][-1]  # every rank, every group
@@ -122,7 +134,7 @@ def _checkov() -> str | None:
 @pytest.mark.skipif(_checkov() is None, reason="checkov is not installed (make setup puts it in .venv/checkov)")
 def test_checkov_passes_every_example(tmp_path):
     for name in EXAMPLES:
-        objs = [o for o in _rendered(name) if o["kind"] in ("StatefulSet", "LeaderWorkerSet")]
+        objs = [o for o in _rendered(name) if o["kind"] in ("StatefulSet", "LeaderWorkerSet", "Job")]
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(objs))
     result = subprocess.run([_checkov(), "--skip-download", "-o", "json", "--framework", "kubernetes",
                              "--check", ",".join(CHECKS), "-d", str(tmp_path)],

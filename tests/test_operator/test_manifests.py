@@ -20,6 +20,7 @@ from moeshard.operator.manifests import (
 )
 from moeshard.core.placement import parse_placement
 from moeshard.operator.planner import plan_for_spec
+from moeshard.operator.weights import build_weights_objects
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.yaml"))
@@ -29,7 +30,8 @@ def _qwen(profile: str, **spec_changes) -> dict:
     body = {
         "apiVersion": "moeshard.io/v1alpha1", "kind": "MoEDeployment",
         "metadata": {"name": "qwen3", "namespace": "serving", "uid": "1234"},
-        "spec": {"model": {"preset": "qwen3-235b-a22b"}, "hardware": {"profile": profile},
+        "spec": {"model": {"preset": "qwen3-235b-a22b", "weights": {"uri": "pvc://models/qwen3-235b"}},
+                 "hardware": {"profile": profile},
                  "parallelism": {"replicas": 2}},
     }
     body["spec"].update(spec_changes)
@@ -197,9 +199,8 @@ def test_render_prints_exactly_the_builders_output(tmp_path, capsys, example):
     assert main(["render", str(path)]) == 0
     printed = list(yaml.safe_load_all(capsys.readouterr().out))
     spec = parse_resource(body)
-    expected = build_all(Deployment(body["metadata"]["name"], body["metadata"]["namespace"], PLACEHOLDER_UID,
-                                    spec, plan_for_spec(spec)))
-    assert printed == expected
+    d = Deployment(body["metadata"]["name"], body["metadata"]["namespace"], PLACEHOLDER_UID, spec, plan_for_spec(spec))
+    assert printed == build_weights_objects(d) + build_all(d)
 
 
 def test_render_names_the_bad_field(tmp_path, capsys, example):
@@ -225,26 +226,43 @@ def test_done_when_examples_render_the_expected_groups(name, pods, gpus, clique,
         assert ("podAffinity" in affinity) == clique
 
 
-def test_hf_weights_are_fetched_by_an_init_container_with_the_token_secret(check_moed, check_builtin):
-    body = check_moed(_qwen("h100-hgx", model={
-        "preset": "qwen3-235b-a22b",
-        "weights": {"uri": "hf://Qwen/Qwen3-235B-A22B", "revision": "v1", "tokenSecret": "hf-token"},
-    }))
-    sts = _kinds(render_objects(body), "StatefulSet")[0]
-    check_builtin(sts)
-    pod = sts["spec"]["template"]["spec"]
-    (fetch,) = pod["initContainers"]
+def test_hf_weights_are_downloaded_by_one_job_into_a_claim_the_pods_mount_read_only(check_moed, check_builtin):
+    weights = {"uri": "hf://Qwen/Qwen3-235B-A22B", "revision": "v1", "tokenSecret": "hf-token",
+               "cache": {"storageClassName": "fast-rwx", "accessMode": "ReadOnlyMany"}}
+    body = check_moed(_qwen("h100-hgx", model={"preset": "qwen3-235b-a22b", "weights": weights}))
+    objs = render_objects(body)
+    (claim,), (job,) = _kinds(objs, "PersistentVolumeClaim"), _kinds(objs, "Job")
+    for obj in (claim, job):
+        check_builtin(obj)
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == "1234"
+    name = claim["metadata"]["name"]
+    assert name == job["metadata"]["name"] and name.startswith("qwen3-weights-") and len(name) <= 63
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce", "ReadOnlyMany"]
+    assert claim["spec"]["storageClassName"] == "fast-rwx"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "482Gi"  # 235B x 2 bytes + 10%, in Gi
+    pod = job["spec"]["template"]["spec"]
+    (fetch,) = pod["containers"]
     assert fetch["command"] == ["moeshard", "engine", "fetch", "--uri", "hf://Qwen/Qwen3-235B-A22B",
                                 "--out", "/models", "--revision", "v1"]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in fetch["env"]
-    model_volume = next(v for v in pod["volumes"] if v["name"] == "model")
-    assert "emptyDir" in model_volume
-    assert fetch["volumeMounts"] == [{"name": "model", "mountPath": "/models"}, {"name": "tmp", "mountPath": "/tmp"}]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": name}} in pod["volumes"]
+    assert job["spec"]["backoffLimit"] >= 1 and pod["restartPolicy"] == "Never"
+    assert "moeshard.io/deployment" not in job["spec"]["template"]["metadata"]["labels"]  # not an engine pod
+    for sts in _kinds(objs, "StatefulSet"):
+        template = sts["spec"]["template"]["spec"]
+        assert "initContainers" not in template
+        assert {"name": "model", "persistentVolumeClaim": {"claimName": name, "readOnly": True}} in template["volumes"]
+        assert {"name": "model", "mountPath": "/models", "readOnly": True} in template["containers"][0]["volumeMounts"]
+    # another revision is another cache (the old one is not overwritten while groups serve from it)
+    other = _qwen("h100-hgx", model={"preset": "qwen3-235b-a22b", "weights": weights | {"revision": "v2"}})
+    assert _kinds(render_objects(other), "Job")[0]["metadata"]["name"] != name
 
 
 def test_pvc_weights_need_no_fetch(example):
-    sts = _kinds(render_objects(example("tiny-cpu")), "StatefulSet")[0]
+    objs = render_objects(example("tiny-cpu"))
+    sts = _kinds(objs, "StatefulSet")[0]
     assert "initContainers" not in sts["spec"]["template"]["spec"]
+    assert not _kinds(objs, "Job") and not _kinds(objs, "PersistentVolumeClaim")
 
 
 def test_engine_domain_size_is_the_planners_for_cross_domain_groups(check_moed):

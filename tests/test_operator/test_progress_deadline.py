@@ -63,7 +63,8 @@ def _conditions(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_a_gang_member_no_node_takes_names_the_group_and_the_schedulers_reason(kube, custom, emulator, example,
                                                                                check_moed):
     body = example("qwen3-235b-gb200", **{"metadata.name": "nvl", "spec.parallelism.replicas": 1,
-                                          "spec.engine.progressDeadline": "2m"})
+                                          "spec.engine.progressDeadline": "2m",
+                                          "spec.model.weights": {"uri": "pvc://models/qwen3"}})  # no download
     custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, check_moed(body))
     reconcile(kube, _get(custom, "nvl"), now=T0)
     sts = kube.get("apps/v1", "statefulsets", NS, "nvl-r0")

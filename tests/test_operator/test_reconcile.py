@@ -233,7 +233,7 @@ def test_scale_down_and_up_through_the_scale_subresource(kube, custom, emulator,
 @pytest.mark.parametrize("change, field, crd_refuses", [
     ({"spec.parallelism.expertEP": 5, "spec.parallelism.attentionTP": 1}, "spec.parallelism.expertEP", True),
     ({"spec.parallelism.surprise": 1}, "spec.parallelism.surprise", True),  # unknown field
-    ({"spec.hardware.profile": "h100-hgx", "spec.model": {"preset": "qwen3-235b-a22b"},
+    ({"spec.hardware.profile": "h100-hgx", "spec.model": {"preset": "qwen3-235b-a22b", "weights": {"uri": "pvc://m/q"}},
       "spec.parallelism": {"expertEP": 16}, "spec.loadBalancing.redundantSlots": 0}, "spec.parallelism", False),  # crosses the domain without permission
 ])
 def test_bad_spec_sets_a_condition_naming_the_field_and_creates_nothing(kube, custom, emulator, example, change, field,

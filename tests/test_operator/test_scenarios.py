@@ -146,7 +146,7 @@ def test_bad_specs_get_conditions_while_good_ones_are_served(start_operator, cus
                                                              check_moed):
     start_operator()
     cross = example("tiny-cpu", **{"metadata.name": "cross", "spec.hardware.profile": "h100-hgx",
-                                   "spec.model": {"preset": "qwen3-235b-a22b"}, "spec.parallelism": {"expertEP": 16},
+                                   "spec.model": {"preset": "qwen3-235b-a22b", "weights": {"uri": "pvc://m/q"}}, "spec.parallelism": {"expertEP": 16},
                                    "spec.loadBalancing.redundantSlots": 0})  # passes the CRD, not the planner
     unknown = example("tiny-cpu", **{"metadata.name": "unknown", "spec.parallelism.sharding": "auto"})
     good = check_moed(example("tiny-cpu", **{"metadata.name": "good"}))

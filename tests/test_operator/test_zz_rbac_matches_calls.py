@@ -7,7 +7,8 @@ module's name sorts it after the other operator tests, which make those calls.
 * Every recorded call is allowed by the ClusterRole (default values).
 * Every grant is either recorded, or a verb the operator's code paths need for
   a kind it writes (``KINDS``: LIST to find, create/patch/delete to apply; pods
-  are only listed and deleted, events created and listed) that these tests do not
+  are only listed and deleted, events created and listed, ``CREATE_ONLY_KINDS`` never
+  patched) that these tests do not
   happen to reach, or the one admission-only grant (owner finalizers).
 """
 
@@ -17,7 +18,7 @@ import pathlib
 
 import pytest
 
-from moeshard.operator.manifests import KINDS
+from moeshard.operator.manifests import CREATE_ONLY_KINDS, KINDS
 from support.kube_emulator import RECORDED_RBAC_CALLS
 
 from .test_chart_and_command import _render, _rules
@@ -36,7 +37,8 @@ def _code_paths() -> set[tuple[str, str, str]]:
     needed = set()
     for kind, (api_version, plural) in KINDS.items():
         group = api_version.rpartition("/")[0]
-        verbs = {"Event": ("create", "list"), "Pod": ("list", "delete")}.get(kind, ("list", "create", "patch", "delete"))
+        verbs = {"Event": ("create", "list"), "Pod": ("list", "delete")}.get(
+            kind, ("list", "create", "delete") if kind in CREATE_ONLY_KINDS else ("list", "create", "patch", "delete"))
         needed |= {(group, plural, verb) for verb in verbs if kind != "MoEDeployment"}
     return needed
 

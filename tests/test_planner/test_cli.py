@@ -65,7 +65,7 @@ def test_plan_plot_writes_a_png(tmp_path):
 def test_plan_bad_input_is_one_line_exit_2(args, field, tmp_path):
     if args == ["{bad}"]:
         bad = tmp_path / "bad.yaml"
-        bad.write_text("apiVersion: moeshard.io/v1alpha1\nkind: MoEDeployment\nmetadata: {name: x}\nspec:\n  model: {preset: qwen3-235b-a22b}\n  hardware: {profile: h100-hgx}\n  parallelism: {expertEP: 7}\n")
+        bad.write_text("apiVersion: moeshard.io/v1alpha1\nkind: MoEDeployment\nmetadata: {name: x}\nspec:\n  model: {preset: qwen3-235b-a22b, weights: {uri: hf://Qwen/Qwen3-235B-A22B}}\n  hardware: {profile: h100-hgx}\n  parallelism: {expertEP: 7}\n")
         args, field = [str(bad)], "spec.parallelism.expertEP"
     result = moeshard("plan", *args)
     assert result.returncode == 2

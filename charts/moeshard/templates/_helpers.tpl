@@ -77,6 +77,13 @@ selector and writes them with create / merge-patch / delete; it never watches th
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]
+# The hf:// weights cache and its download Job: created once, never patched (operator/weights.py).
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [list, create, delete]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, create, delete]
 - apiGroups: [apps]
   resources: [statefulsets]
   verbs: [list, create, patch, delete]
