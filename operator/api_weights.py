@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
-from .api_base import DnsSubdomain, Quantity, _Section
+from .api_base import DnsSubdomain, _Section
 
 WEIGHTS_URI_PATTERN = r"^(hf://[^/]+/[^/]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*)$"
 # accessMode -> the claim's accessModes. ReadOnlyMany: the Job writes through ReadWriteOnce on one node, then
@@ -24,6 +25,23 @@ CACHE_ACCESS_MODES: dict[str, list[str]] = {
     "ReadOnlyMany": ["ReadWriteOnce", "ReadOnlyMany"],
     "ReadWriteOnce": ["ReadWriteOnce"],
 }
+# A volume size: a Kubernetes quantity above zero, in bytes with an optional binary or decimal suffix (no milli,
+# no exponent): 600Gi, 1.5Ti, 500G. The same pattern is the CRD's, so the API server refuses "0" too.
+STORAGE_SIZE_PATTERN = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|0*\.[0-9]*[1-9][0-9]*)([KMGTPE]i|[kMGTPE])?$"
+
+
+def _storage_size(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"must be a volume size such as 600Gi or 1Ti, got {type(value).__name__} {value!r}")
+    text = str(value)
+    if not re.fullmatch(STORAGE_SIZE_PATTERN, text):
+        raise ValueError(f"{text!r} is not a volume size above zero such as 600Gi, 1.5Ti or 500G "
+                         "(binary suffixes Ki Mi Gi Ti Pi Ei, decimal k M G T P E)")
+    return text
+
+
+StorageSize = Annotated[str, BeforeValidator(_storage_size), WithJsonSchema(
+    {"x-kubernetes-int-or-string": True, "pattern": STORAGE_SIZE_PATTERN})]
 CACHE_KEY_LENGTH = 8  # hex digits of the cache key in the claim's and the Job's names
 
 
@@ -36,7 +54,7 @@ class WeightsCache(_Section):
 
     storage_class_name: DnsSubdomain | None = Field(
         None, description="StorageClass of the cache PersistentVolumeClaim; unset uses the cluster's default class.")
-    size: Quantity | None = Field(
+    size: StorageSize | None = Field(
         None, description="Size of the cache volume (a quantity: 600Gi, 1Ti); unset is the model's BF16 checkpoint "
         "size (from its figures) plus 10%.")
     access_mode: Literal[tuple(CACHE_ACCESS_MODES)] = Field(  # type: ignore[valid-type]

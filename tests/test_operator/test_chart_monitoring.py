@@ -16,6 +16,7 @@ from .test_chart_and_command import CHART
 ENABLED = {"monitoring": {k: {"enabled": True} for k in ("podMonitor", "prometheusRule", "dashboard")}}
 HISTOGRAMS = {naming.METRIC_REQUEST_LATENCY, naming.METRIC_TTFT, naming.METRIC_ITL, naming.METRIC_QUEUE_TIME}
 PROMETHEUS_BUILTIN = {"up"}
+KUBE_STATE_METRICS = {"kube_job_failed"}  # a Job's Failed condition (kube-state-metrics' job metrics)
 
 
 def _exported() -> set[str]:
@@ -33,7 +34,7 @@ def _metrics_in(expr: str) -> set[str]:
     text = re.sub(r"\[[^\]]*\]", "", text)
     words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text))
     functions = {"sum", "max", "min", "avg", "rate", "increase", "histogram_quantile", "label_values", "le"}
-    return {w for w in words if w not in functions and (w.startswith("moeshard_") or w in PROMETHEUS_BUILTIN)}
+    return {w for w in words if w not in functions and (w.startswith(("moeshard_", "kube_")) or w in PROMETHEUS_BUILTIN)}
 
 
 def _render(values: dict) -> dict[str, dict]:
@@ -55,7 +56,7 @@ def test_every_query_names_a_metric_the_engine_exports(check_builtin):
     queries += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     rules = objs["PrometheusRule"]["spec"]["groups"][0]["rules"]
     queries += [r["expr"] for r in rules]
-    exported = _exported() | PROMETHEUS_BUILTIN
+    exported = _exported() | PROMETHEUS_BUILTIN | KUBE_STATE_METRICS
     for query in queries:
         named = _metrics_in(query)
         assert named, query
@@ -63,8 +64,26 @@ def test_every_query_names_a_metric_the_engine_exports(check_builtin):
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("expert load", "gpu load", "placement version", "latency", "kv"):
         assert topic in titles
-    assert {r["alert"] for r in rules} == {"MoEShardEngineDown", "MoEShardPlacementRejected", "MoEShardExpertImbalance"}
+    assert {r["alert"] for r in rules} == {"MoEShardEngineDown", "MoEShardPlacementRejected", "MoEShardExpertImbalance",
+                                         "MoEShardWeightsDownloadFailed"}
     imbalance = next(r for r in rules if r["alert"] == "MoEShardExpertImbalance")
     assert imbalance["for"] == "15m" and "> 1.5" in imbalance["expr"]
     monitor = objs["PodMonitor"]["spec"]
     assert monitor["selector"]["matchLabels"]["apps.kubernetes.io/pod-index"] == "0"
+
+
+def test_the_download_alert_matches_the_download_jobs_the_operator_names(check_moed):
+    """The alert's job_name regex matches every weights Job the operator renders, and no engine object."""
+    from moeshard.operator.commands.render import render_objects
+
+    rules = {r["alert"]: r for r in _render(ENABLED)["PrometheusRule"]["spec"]["groups"][0]["rules"]}
+    expr = rules["MoEShardWeightsDownloadFailed"]["expr"]
+    pattern = re.search(r'job_name=~"([^"]+)"', expr).group(1)
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        body = check_moed(yaml.safe_load(example.read_text()))
+        objs = render_objects(body)
+        jobs = [o["metadata"]["name"] for o in objs if o["kind"] == "Job"]
+        assert bool(jobs) == body["spec"]["model"]["weights"]["uri"].startswith("hf://"), example.name
+        others = [o["metadata"]["name"] for o in objs if o["kind"] != "Job"]
+        assert all(re.fullmatch(pattern, name) for name in jobs), (example.name, jobs)
+        assert not any(re.fullmatch(pattern, name) for name in others if name not in jobs), example.name
