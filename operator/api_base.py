@@ -46,21 +46,27 @@ QUANTITY_PATTERN = (
 )
 
 
-def _quantity(value: Any) -> Any:
-    """An int >= 0 or a Kubernetes quantity string, as the string the manifests carry."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"must be a Kubernetes quantity such as 8, 500m or 64Gi (an integer or a string), "
-                         f"got {type(value).__name__} {value!r}")
-    text = str(value)
-    if not re.fullmatch(QUANTITY_PATTERN, text):
-        raise ValueError(f"{text!r} is not a Kubernetes quantity such as 8, 500m or 64Gi (no spaces; "
-                         "binary suffixes Ki Mi Gi Ti, decimal k M G T)")
-    return text
+def quantity_type(pattern: str, expected: str, hint: str) -> Any:
+    """An int or string field matching ``pattern``, as the string the manifests carry; its CRD schema too.
+
+    ``expected`` says what the value must be ("a Kubernetes quantity such as 8,
+    500m or 64Gi"); ``hint`` is appended to the error for a string that does not match.
+    """
+    def check(value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"must be {expected} (an integer or a string), got {type(value).__name__} {value!r}")
+        text = str(value)
+        if not re.fullmatch(pattern, text):
+            raise ValueError(f"{text!r} is not {expected} ({hint})")
+        return text
+
+    return Annotated[str, BeforeValidator(check), WithJsonSchema(
+        {"x-kubernetes-int-or-string": True, "pattern": pattern})]
 
 
 # x-kubernetes-int-or-string with the quantity pattern, as Kubernetes' own schemas write a Quantity.
-Quantity = Annotated[str, BeforeValidator(_quantity), WithJsonSchema(
-    {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})]
+Quantity = quantity_type(QUANTITY_PATTERN, "a Kubernetes quantity such as 8, 500m or 64Gi",
+                         "no spaces; binary suffixes Ki Mi Gi Ti, decimal k M G T")
 LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN, max_length=MAX_LABEL_VALUE_LENGTH)]
 DnsSubdomain = Annotated[str, StringConstraints(pattern=DNS_SUBDOMAIN_PATTERN, max_length=MAX_DNS_SUBDOMAIN_LENGTH)]
 

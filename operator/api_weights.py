@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BeforeValidator, Field, WithJsonSchema
+from pydantic import Field
 
-from .api_base import DnsSubdomain, _Section
+from .api_base import DnsSubdomain, _Section, quantity_type
 
 WEIGHTS_URI_PATTERN = r"^(hf://[^/]+/[^/]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.*)$"
 # accessMode -> the claim's accessModes. ReadOnlyMany: the Job writes through ReadWriteOnce on one node, then
@@ -29,19 +28,8 @@ CACHE_ACCESS_MODES: dict[str, list[str]] = {
 # no exponent): 600Gi, 1.5Ti, 500G. The same pattern is the CRD's, so the API server refuses "0" too.
 STORAGE_SIZE_PATTERN = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|0*\.[0-9]*[1-9][0-9]*)([KMGTPE]i|[kMGTPE])?$"
 
-
-def _storage_size(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"must be a volume size such as 600Gi or 1Ti, got {type(value).__name__} {value!r}")
-    text = str(value)
-    if not re.fullmatch(STORAGE_SIZE_PATTERN, text):
-        raise ValueError(f"{text!r} is not a volume size above zero such as 600Gi, 1.5Ti or 500G "
-                         "(binary suffixes Ki Mi Gi Ti Pi Ei, decimal k M G T P E)")
-    return text
-
-
-StorageSize = Annotated[str, BeforeValidator(_storage_size), WithJsonSchema(
-    {"x-kubernetes-int-or-string": True, "pattern": STORAGE_SIZE_PATTERN})]
+StorageSize = quantity_type(STORAGE_SIZE_PATTERN, "a volume size above zero such as 600Gi, 1.5Ti or 500G",
+                            "binary suffixes Ki Mi Gi Ti Pi Ei, decimal k M G T P E")
 CACHE_KEY_LENGTH = 8  # hex digits of the cache key in the claim's and the Job's names
 
 
