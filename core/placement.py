@@ -132,6 +132,9 @@ def _check_invariants(p: Placement) -> None:
         raise PlacementError(
             f"layers[*].phy2log: has {p.phy2log.shape[1]} slots, numGpus x slotsPerGpu = {p.num_slots}"
         )
+    if _rows_hold(p):
+        return
+    # Something is wrong: find the first offending layer and field, one layer at a time.
     for layer in range(p.num_layers):
         row, w = p.phy2log[layer], p.weights[layer]
         bad = np.flatnonzero((row < 0) | (row >= p.num_experts))
@@ -152,6 +155,23 @@ def _check_invariants(p: Placement) -> None:
             raise PlacementError(
                 f"layers[{layer}].weights: shares of expert {off[0]} sum to {sums[off[0]]:.6f}, not 1"
             )
+
+
+def _rows_hold(p: Placement) -> bool:
+    """Every layer's experts in range, shares finite and >= 0, every expert placed, its shares summing to 1.
+
+    All layers at once (a 94-layer placement is checked on every balancer plan); the per-layer
+    loop of ``_check_invariants`` runs only to name the first failure.
+    """
+    row, w = p.phy2log, p.weights
+    if ((row < 0) | (row >= p.num_experts)).any() or not np.isfinite(w).all() or (w < 0).any():
+        return False
+    flat = (row + p.num_experts * np.arange(p.num_layers)[:, None]).ravel()
+    size = p.num_layers * p.num_experts
+    if (np.bincount(flat, minlength=size) == 0).any():
+        return False
+    sums = np.bincount(flat, weights=w.ravel(), minlength=size)
+    return bool((np.abs(sums - 1.0) <= SHARE_TOLERANCE).all())
 
 
 @dataclass(frozen=True)

@@ -227,14 +227,17 @@ class _State:
               weights: np.ndarray | None = None) -> "_State":
         num_layers, num_experts = loads.shape
         rows = np.arange(num_layers)[:, None]
-        counts = np.zeros((num_layers, num_experts), dtype=np.int64)
-        np.add.at(counts, (np.broadcast_to(rows, phy2log.shape), phy2log), 1)
+        counts = np.bincount((rows * num_experts + phy2log).ravel(),
+                             minlength=num_layers * num_experts).reshape(num_layers, num_experts)
         if weights is None:
             weights = 1.0 / np.take_along_axis(counts, phy2log, axis=1)
         x = np.take_along_axis(loads, phy2log, axis=1) * weights
         gpu = np.arange(phy2log.shape[1]) // slots_per_gpu
-        holds = np.zeros((num_layers, num_gpus, num_experts), dtype=np.int64)
-        np.add.at(holds, (np.broadcast_to(rows, phy2log.shape), gpu[None, :], phy2log), 1)
+        holds = np.bincount(((rows * num_gpus + gpu[None, :]) * num_experts + phy2log).ravel(),
+                            minlength=num_layers * num_gpus * num_experts).reshape(num_layers, num_gpus, num_experts)
+        # A GPU holds at most S replicas of one expert: int16 keeps the [L, G, E] table small enough
+        # for the swap search's scattered reads to stay in cache (3 MB as int64 for 94 x 32 x 128).
+        holds = holds.astype(np.int16 if slots_per_gpu < 2**15 else np.int64)
         gpu_load = x.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2)
         return cls(phy2log.copy(), x, gpu_load, holds, counts, np.zeros(num_layers, dtype=np.int64), slots_per_gpu)
 
@@ -311,6 +314,10 @@ def _level_table(state: _State, tab: np.ndarray, layers: np.ndarray, sweeps: int
     has_dup = bool((valid & ~first).any())
     # 2. Colour classes: experts that share no GPU are levelled together.
     color = _color_experts(gpu, valid, num_gpus) if r_max > 1 else np.zeros((n, 1), dtype=np.int64)
+    # Per class: its entries [n, Rc, C] as flat indices into x [n, N] and gl [n, G] (gathers are then
+    # plain takes), and the valid entries once more as flat positions inside the class.
+    n_slots = state.x.shape[1]
+    rows = np.arange(n)[:, None, None]
     classes = []
     for c in range(int(color.max()) + 1):
         member = (color == c) & valid.any(axis=2)
@@ -320,27 +327,31 @@ def _level_table(state: _State, tab: np.ndarray, layers: np.ndarray, sweeps: int
         pick = np.argsort(~member, axis=1, kind="stable")[:, :width]  # [n, Rc] members first
         pad = np.take_along_axis(member, pick, 1)[:, :, None]
         v = np.take_along_axis(valid, pick[:, :, None], 1) & pad
-        classes.append((v, np.take_along_axis(safe, pick[:, :, None], 1), np.take_along_axis(gpu, pick[:, :, None], 1),
-                        np.take_along_axis(first, pick[:, :, None], 1) & pad,
-                        np.take_along_axis(same, pick[:, :, None, None], 1) if has_dup else None, np.nonzero(v)))
-    gl, x = state.gpu_load[layers], state.x[layers]
-    rows = np.arange(n)[:, None, None]
+        x_at = rows * n_slots + np.take_along_axis(safe, pick[:, :, None], 1)
+        g_at = rows * num_gpus + np.take_along_axis(gpu, pick[:, :, None], 1)
+        at_v = np.flatnonzero(v)
+        classes.append((v, x_at, g_at, np.take_along_axis(first, pick[:, :, None], 1) & pad,
+                        np.take_along_axis(same, pick[:, :, None, None], 1) if has_dup else None,
+                        at_v, x_at.ravel()[at_v], g_at.ravel()[at_v]))
+    gl, x = state.gpu_load[layers], state.x[layers]  # copies: contiguous, so ravel() are views
+    gl_flat, x_flat = gl.ravel(), x.ravel()
     j = np.arange(1, c_max + 1)
     # 3. Gauss-Seidel over the colour classes, every layer at once.
     for _ in range(sweeps):
-        for v, sl, g, f, sm, (li, ri, ji) in classes:
-            xs = np.where(v, x[rows, sl], 0.0)
+        for v, x_at, g_at, f, sm, at_v, x_v, g_v in classes:
+            xs = np.where(v, x_flat[x_at], 0.0)
             own = (sm * xs[:, :, None, :]).sum(axis=3) if has_dup else xs
-            base = np.where(f, gl[rows, g] - own, np.inf)
+            base = np.where(f, gl_flat[g_at] - own, np.inf)
             w = xs.sum(axis=2)
             level = ((w[:, :, None] * (1.0 + spread) + np.cumsum(np.sort(base, axis=2), axis=2)) / j).min(axis=2)
             new = np.where(f, np.maximum(0.0, level[:, :, None] - np.where(f, base, 0.0)) / (1.0 + spread), 0.0)
-            delta = new[li, ri, ji] - xs[li, ri, ji]
+            new_v = new.ravel()[at_v]
+            delta = new_v - xs.ravel()[at_v]
             if has_dup:
-                np.add.at(gl, (li, g[li, ri, ji]), delta)
+                np.add.at(gl_flat, g_v, delta)
             else:
-                gl[li, g[li, ri, ji]] += delta
-            x[li, sl[li, ri, ji]] = new[li, ri, ji]
+                gl_flat[g_v] += delta  # one colour's experts share no GPU: distinct indices
+            x_flat[x_v] = new_v
     state.gpu_load[layers], state.x[layers] = gl, x
 
 
@@ -425,13 +436,14 @@ def _swap_step(
     s = state.slots_per_gpu
     if num_gpus < 2 or num_layers == 0:
         return []
-    gpu_load, x, phy2log, holds = state.gpu_load[layers], state.x[layers], state.phy2log[layers], state.holds[layers]
+    gpu_load, x, phy2log = state.gpu_load[layers], state.x[layers], state.phy2log[layers]
     rows = np.arange(num_layers)
     m = min(sources, num_gpus - 1)
     k = num_gpus if targets is None else min(targets, num_gpus)
     by_load = np.argsort(-gpu_load, axis=1, kind="stable")
     src, dst = by_load[:, :m], by_load[:, num_gpus - k:]
-    # Candidates as [L, m, S] source slots against [L, k, S] target slots: worst is [L, m, S, k, S].
+    # 1. Candidates: [L, m, S] source slots against [L, k, S] target slots, laid out as
+    #    [L, m, k, S_a, S_b] so that one (source, target) pair's S x S block is contiguous.
     a = src[:, :, None] * s + np.arange(s)
     b = dst[:, :, None] * s + np.arange(s)
     x32 = x.astype(np.float32)  # float32 for the search (a 0.4% gain threshold needs no more); float64 state
@@ -439,20 +451,24 @@ def _swap_step(
     ea, eb = phy2log[rows[:, None, None], a], phy2log[rows[:, None, None], b]
     load32 = gpu_load.astype(np.float32)
     la, lb = np.take_along_axis(load32, src, 1), np.take_along_axis(load32, dst, 1)
-    delta = xb[:, None, None, :, :] - xa[:, :, :, None, None]  # load the source GPU gains
-    worst = np.maximum(la[:, :, None, None, None] + delta, lb[:, None, None, :, None] - delta)
-    # Forbidden: same GPU, same expert, or a replica of the expert already on the other GPU.
-    present = holds > 0
-    a_on_dst = np.take_along_axis(present[rows[:, None, None], :, ea], dst[:, None, None, :], axis=3)  # [L, m, S, k]
-    b_on_src = present[rows[:, None, None, None], src[:, :, None, None], eb[:, None, :, :]]  # [L, m, k, S]
-    bad = (src[:, :, None] == dst[:, None, :])[:, :, None, :, None] | (ea[:, :, :, None, None] == eb[:, None, None, :, :])
-    bad |= a_on_dst[..., None] | b_on_src[:, :, None, :, :]
-    limit = la - np.float32(min_gain) * load32.mean(axis=1, keepdims=True)  # [L, m]
-    bad |= worst >= limit[:, :, None, None, None]
-    # Best swap per (source GPU, target GPU): [L, m, k], and where it is inside the S x S block.
-    block = np.where(bad, np.inf, worst).transpose(0, 1, 3, 2, 4).reshape(num_layers, m, k, s * s)
-    best = block.min(axis=3)
+    delta = xb[:, None, :, None, :] - xa[:, :, None, :, None]  # load the source GPU gains
+    worst = la[:, :, None, None, None] + delta
+    np.maximum(worst, lb[:, None, :, None, None] - delta, out=worst)
+    # 2. Forbidden: a replica of the expert already on the other GPU (this covers a swap within one
+    #    GPU and a swap of two replicas of one expert too: the GPU then holds the expert), read from
+    #    the holds only where a candidate needs them, as +inf added to the candidate's load.
+    of = layers[:, None, None, None]
+    a_on_dst = state.holds[of, dst[:, None, :, None], ea[:, :, None, :]] > 0  # [L, m, k, S_a]
+    b_on_src = state.holds[of, src[:, :, None, None], eb[:, None, :, :]] > 0  # [L, m, k, S_b]
+    worst += np.where(a_on_dst, np.float32(np.inf), np.float32(0.0))[..., :, None]
+    worst += np.where(b_on_src, np.float32(np.inf), np.float32(0.0))[..., None, :]
+    # Best swap per (source GPU, target GPU): [L, m, k], and where it is inside the S x S block;
+    # it counts only when it lowers the source by min_gain of the mean.
+    block = worst.reshape(num_layers, m, k, s * s)
     where = block.argmin(axis=3)
+    best = np.take_along_axis(block, where[..., None], 3)[..., 0]
+    limit = la - np.float32(min_gain) * load32.mean(axis=1, keepdims=True)  # [L, m]
+    best[best >= limit[:, :, None]] = np.inf
     # 3. Heaviest source first, each source takes its best target among the GPUs
     #    no earlier swap of this step touched (so the loads it was scored on hold).
     used = np.zeros((num_layers, num_gpus), dtype=bool)
