@@ -33,6 +33,7 @@ class ModelArchitecture:
     first_dense_layers: int = 0  # DeepSeek-V3: first 3 layers are dense FFN
     dense_intermediate_size: int = 0
     shared_experts: int = 0  # always-on experts, replicated on every EP rank
+    expert_groups: int = 1  # Q: group-limited routing over Q consecutive expert groups (DeepSeek-V3: 8); 1 = none
     tie_embeddings: bool = False
     # Overrides for attention variants whose size does not follow from heads
     # (DeepSeek's multi-head latent attention).
@@ -114,7 +115,7 @@ PRESETS: dict[str, ModelArchitecture] = {
         name="deepseek-v3", architecture="deepseek_v3", num_layers=61, hidden_size=7168,
         num_experts=256, top_k=8, expert_intermediate_size=2048, num_attention_heads=128,
         num_kv_heads=128, head_dim=128, vocab_size=129280, first_dense_layers=3,
-        dense_intermediate_size=18432, shared_experts=1,
+        dense_intermediate_size=18432, shared_experts=1, expert_groups=8,  # n_group 8, topk_group 4
         attention_params_per_layer_override=187_105_280,
         kv_bytes_per_token_per_layer_override=(512 + 64) * 2,
         source="deepseek-ai/DeepSeek-V3 config.json",
@@ -155,7 +156,7 @@ def architecture_from_hf_config(config: dict, name: str = "custom") -> ModelArch
         num_attention_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size, first_dense_layers=cfg.dense_layers,
         dense_intermediate_size=cfg.dense_intermediate_size if cfg.dense_layers else 0,
-        shared_experts=cfg.shared_experts, tie_embeddings=cfg.tie_word_embeddings, source="config.json",
+        shared_experts=cfg.shared_experts, expert_groups=cfg.expert_groups, tie_embeddings=cfg.tie_word_embeddings, source="config.json",
     )
     mla = cfg.latent_attention
     if mla is None:

@@ -69,6 +69,9 @@ class HFConfig:
     eos_token_ids: tuple[int, ...]
     quantization: str | None  # "KEY (quant_method METHOD)" when the weights are quantized, e.g. fp8 block scales
     latent_attention: LatentAttention | None = None
+    # Group-limited routing (DeepSeek-V3: n_group 8, topk_group 4): the experts form this many consecutive
+    # groups and a token picks its experts inside its best topk_group groups. 1: routing is not group-limited.
+    expert_groups: int = 1
 
     @property
     def dense_layers(self) -> int:
@@ -144,6 +147,7 @@ def read_hf_config(raw: Any) -> HFConfig:
             v_head_dim=_int(raw, "v_head_dim"),
         )
         head_dim = latent.v_head_dim
+    groups = _expert_groups(raw, model_type, experts)
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     eos = raw.get("eos_token_id")
     quantization = None
@@ -171,4 +175,18 @@ def read_hf_config(raw: Any) -> HFConfig:
         eos_token_ids=tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
         quantization=quantization,
         latent_attention=latent,
+        expert_groups=groups,
     )
+
+
+def _expert_groups(raw: dict, model_type: str, experts: int) -> int:
+    """DeepSeek-V3's n_group when its routing is group-limited (topk_group < n_group), else 1."""
+    if model_type != "deepseek_v3":
+        return 1
+    groups = _int(raw, "n_group", default=1) or 1
+    if experts % groups:
+        raise ConfigError("n_group", f"{groups} must divide n_routed_experts ({experts})")
+    topk_group = _int(raw, "topk_group", default=groups)
+    if not 1 <= topk_group <= groups:
+        raise ConfigError("topk_group", f"{topk_group} must be in 1..n_group ({groups})")
+    return groups if topk_group < groups else 1

@@ -31,6 +31,7 @@ import kopf
 from moeshard.core import naming
 from .api import API_VERSION, GROUP, PLURAL, VERSION, SpecError, parse_duration, parse_spec
 from .kube import Kube, KubeError
+from .grouped import grouped_routing
 from .planner import plan_for_spec
 from moeshard.core.placement import PLACEMENT_KEY, PlacementError, check_config_map_size, parse_placement
 from .prometheus_source import PrometheusSource
@@ -92,8 +93,12 @@ def balance_once(
         return BalanceRun("skipped", f"live {PLACEMENT_KEY} is invalid ({exc}); the reconciler resets it")
     # 3. The pure cycle: query, plan, hysteresis.
     # Ranks per NVLink domain of this group, as the planner laid it out (and as the engine is told).
-    gpus_per_domain = plan_for_spec(spec).chosen.ranks_per_domain
-    outcome = run_cycle(make_source(lb.prometheus_url), name, namespace, current, lb, gpus_per_domain, now)
+    plan = plan_for_spec(spec)
+    gpus_per_domain = plan.chosen.ranks_per_domain
+    # A group-limited router (DeepSeek-V3) keeps each expert group's replicas inside one domain.
+    groups = grouped_routing(plan.model.expert_groups, current.num_experts, current.num_gpus, current.slots_per_gpu,
+                             gpus_per_domain)
+    outcome = run_cycle(make_source(lb.prometheus_url), name, namespace, current, lb, gpus_per_domain, now, groups)
     run = BalanceRun("kept", "", outcome, [outcome.event] if outcome.event else [])
     # 4. The new placement, only when it fits the ConfigMap, only over the ConfigMap we read.
     if outcome.placement is not None:

@@ -43,6 +43,24 @@ def check_groups(num_experts: int, num_groups: int, num_gpus: int, slots_per_gpu
     return domains
 
 
+def grouped_routing(expert_groups: int, num_experts: int, num_gpus: int, slots_per_gpu: int,
+                    gpus_per_domain: int | None) -> int | None:
+    """The expert groups the balancer must keep inside NVLink domains, or None when there is nothing to keep.
+
+    None when the router is not group-limited (``expert_groups`` <= 1), when the EP group is one
+    domain (every placement keeps the groups inside it), or when the groups cannot be split over
+    the domains whole (``check_groups`` refuses the layout; plans are then not grouped).
+    """
+    domain = num_gpus if gpus_per_domain is None else min(gpus_per_domain, num_gpus)
+    if expert_groups <= 1 or domain >= num_gpus:
+        return None
+    try:
+        check_groups(num_experts, expert_groups, num_gpus, slots_per_gpu, domain)
+    except PlacementError:
+        return None
+    return expert_groups
+
+
 def assign_groups(group_loads: np.ndarray, num_domains: int) -> np.ndarray:
     """[L, Q] domain of each group: heaviest group first onto the lightest domain with room."""
     num_layers, num_groups = group_loads.shape

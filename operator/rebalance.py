@@ -71,15 +71,18 @@ def replicated_experts(placement: Placement) -> int:
     return int((placement.replica_counts() > 1).sum())
 
 
-def acceptance_options(spec: LoadBalancingSpec) -> AcceptanceOptions:
-    """The decision's knobs from the spec (the rest keep AcceptanceOptions' defaults)."""
+def acceptance_options(spec: LoadBalancingSpec, expert_groups: int | None = None) -> AcceptanceOptions:
+    """The decision's knobs from the spec and the router (the rest keep AcceptanceOptions' defaults).
+
+    ``expert_groups``: the router's groups to keep inside NVLink domains (``grouped.grouped_routing``).
+    """
     return AcceptanceOptions(floor=spec.improvement_threshold, max_moves=spec.max_moves_per_cycle,
-                             move_budget=spec.move_budget_per_cycle)
+                             move_budget=spec.move_budget_per_cycle, expert_groups=expert_groups)
 
 
 def plan_cycle(
     current: Placement, loads: np.ndarray, spec: LoadBalancingSpec, gpus_per_domain: int | None, now: datetime,
-    coverage: float | None = None,
+    coverage: float | None = None, expert_groups: int | None = None,
 ) -> CycleOutcome:
     """Decide from measured ``loads`` [L, E] which layers of ``current`` change; pure."""
     metrics_ok = {"type": CONDITION_METRICS, "status": "True", "reason": "QuerySucceeded",
@@ -87,7 +90,7 @@ def plan_cycle(
     if not np.any(loads > 0):
         metrics_ok = {**metrics_ok, "reason": "NoTraffic", "message": "no tokens in the window; placement kept"}
         return CycleOutcome(None, {"placementVersion": current.version}, [metrics_ok], None)
-    decision = decide_placement(current, loads, gpus_per_domain, acceptance_options(spec), coverage)
+    decision = decide_placement(current, loads, gpus_per_domain, acceptance_options(spec, expert_groups), coverage)
     before = imbalance(current, loads)
     if decision.skipped is not None:
         metrics_ok = {**metrics_ok, "reason": "WindowSkipped", "message": f"placement kept: {decision.skipped}"}
@@ -149,7 +152,7 @@ def unavailable_cycle(current: Placement, error: MetricsUnavailable) -> CycleOut
 
 def run_cycle(
     source: LoadSource, name: str, namespace: str, current: Placement, spec: LoadBalancingSpec,
-    gpus_per_domain: int | None, now: datetime | None = None,
+    gpus_per_domain: int | None, now: datetime | None = None, expert_groups: int | None = None,
 ) -> CycleOutcome:
     """Query the window's load and plan; any metrics failure keeps the live placement."""
     now = now or datetime.now(timezone.utc)
@@ -159,7 +162,7 @@ def run_cycle(
         groups = source.group_versions(name, namespace, spec.window)
     except MetricsUnavailable as exc:
         return unavailable_cycle(current, exc)
-    outcome = plan_cycle(current, loads, spec, gpus_per_domain, now, coverage)
+    outcome = plan_cycle(current, loads, spec, gpus_per_domain, now, coverage, expert_groups)
     group_status, adopted = adoption(current.version, groups)
     return CycleOutcome(outcome.placement, {**outcome.status, **group_status}, [*outcome.conditions, adopted],
                         outcome.event, outcome.moves, outcome.decision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ from moeshard.core.placement import (
     CONFIG_MAP_LIMIT_BYTES, PlacementError, check_config_map_size, initial_placement, parse_placement,
     placement_from_arrays, round_shares,
 )
-from moeshard.operator.grouped import domains_hold_whole_groups, grouped_plan
-from moeshard.operator.rebalance import adoption
+from moeshard.core.architectures import PRESETS
+from moeshard.operator.api import LoadBalancingSpec
+from moeshard.operator.grouped import domains_hold_whole_groups, grouped_plan, grouped_routing
+from moeshard.operator.rebalance import adoption, plan_cycle
 from moeshard.operator.relabel import relabel_onto
 
 L, E, G, S = 24, 32, 8, 5
@@ -239,3 +242,23 @@ def test_grouped_routers_keep_every_group_inside_one_domain(capsys, tmp_path):
     assert domains_hold_whole_groups(printed.phy2log, 64, 8, 40)
     with pytest.raises(PlacementError, match="expertGroups"):
         grouped_plan(loads, 16, 5, 8, 6)
+
+
+def test_the_operators_cycle_keeps_a_group_limited_routers_groups_in_their_domains():
+    """The cycle takes the router's groups from the model (DeepSeek-V3: 8) when the EP group spans domains."""
+    assert PRESETS["deepseek-v3"].expert_groups == 8
+    assert all(p.expert_groups == 1 for name, p in PRESETS.items() if name != "deepseek-v3")
+    # Nothing to keep: routing not group-limited, one NVLink domain, or groups that cannot split whole.
+    assert grouped_routing(1, 64, 16, 5, 8) is None
+    assert grouped_routing(8, 64, 16, 5, 16) is None and grouped_routing(8, 64, 16, 5, None) is None
+    assert grouped_routing(3, 48, 16, 5, 8) is None  # 3 groups over 2 domains
+    assert grouped_routing(8, 64, 16, 5, 8) == 8
+    assert grouped_routing(8, 256, 16, 17, 8) == 8  # DeepSeek-V3 at EP 16 across two HGX nodes
+    rng = np.random.default_rng(5)
+    loads = sample(rng.pareto(1.5, (4, 64)) + 0.2, 2_000_000, 13)
+    live = initial_placement(4, 64, 16, 5)
+    grouped = plan_cycle(live, loads, LoadBalancingSpec(), 8, datetime.now(timezone.utc), expert_groups=8)
+    plain = plan_cycle(live, loads, LoadBalancingSpec(), 8, datetime.now(timezone.utc))
+    assert grouped.placement is not None and plain.placement is not None
+    assert domains_hold_whole_groups(grouped.placement.phy2log, 64, 8, 8 * 5)
+    assert not domains_hold_whole_groups(plain.placement.phy2log, 64, 8, 8 * 5)

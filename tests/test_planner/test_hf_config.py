@@ -58,3 +58,18 @@ def test_bad_config_names_the_key(config, key):
     with pytest.raises(ConfigError) as info:
         architecture_from_hf_config(config)
     assert info.value.key == key
+
+
+@pytest.mark.parametrize("n_group, topk_group, groups", [(8, 4, 8), (8, 8, 1), (1, 1, 1)])
+def test_deepseek_group_limited_routing_is_read(n_group, topk_group, groups):
+    """Groups count only when routing is limited to some of them (topk_group < n_group)."""
+    cfg = transformers.DeepseekV3Config(n_routed_experts=64, n_group=n_group, topk_group=topk_group).to_dict()
+    assert architecture_from_hf_config(cfg).expert_groups == groups
+
+
+@pytest.mark.parametrize("change, key", [({"n_group": 6}, "n_group"), ({"topk_group": 9}, "topk_group")])
+def test_bad_deepseek_groups_name_the_key(change, key):
+    cfg = {**transformers.DeepseekV3Config(n_routed_experts=64, n_group=8, topk_group=4).to_dict(), **change}
+    with pytest.raises(ConfigError) as info:
+        architecture_from_hf_config(cfg)
+    assert info.value.key == key
