@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -208,3 +214,24 @@ def test_pinned_maximum_still_evens_the_next_gpus():
     assert (after[:, -1] >= loads[:, 0]).all() and (after[:, -1] <= before[:, -1] + 1e-6).all()
     assert (after[:, -2] < before[:, -2]).all()  # the runner-up GPU came down
     assert (after[:, :-1].std(axis=1) < before[:, :-1].std(axis=1)).all()  # the rest are more even
+
+
+def test_the_revision_comparison_finds_a_revision_identical_to_itself(tmp_path):
+    """bench/compare_balancer_revision.py runs against git history and compares exactly (HEAD vs the work tree).
+
+    Skipped outside a git checkout or when the work tree's balancer differs from HEAD's.
+    """
+    root = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "operator/balancer.py"], cwd=root)
+    if diff.returncode != 0:
+        pytest.skip("operator/balancer.py differs from HEAD (or this is no git checkout)")
+    out = tmp_path / "revision.json"
+    result = subprocess.run([sys.executable, str(root / "bench" / "compare_balancer_revision.py"), "--against", "HEAD",
+                             "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(out.read_text())
+    assert doc["identical"]["plans"] == 3 * doc["identical"]["shapes"] == 1080
+    assert doc["identical"]["shapes_with_two_replicas_on_one_gpu"] > 0
+    assert set(doc["median_ms_94x128x32"]) >= {"decision_old", "decision_new", "decision_speedup"}
