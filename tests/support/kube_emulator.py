@@ -533,17 +533,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
 
 
 def stale_list_reaction(emulator: Any, resource: str, namespace: str, list_kind: str,
-                        when: Callable[[], bool] = lambda: True) -> tuple[Callable[[Any], dict], list[int]]:
+                        when: Callable[[], bool] = lambda: True,
+                        until: Callable[[], bool] | None = None) -> tuple[Callable[[Any], dict], list[int]]:
     """A LIST reaction that serves ``resource`` one resourceVersion old, once, the first time ``when()`` holds.
 
-    It plays a lagging informer cache: a patch built on it gets a real 409. Returns the reaction
-    (install it with ``em["list", kmock.resource(resource)] << reaction``) and a list that holds
-    one entry once the stale list was served.
+    It plays a lagging informer cache: a patch built on it gets a real 409. With ``until``, the
+    cache lags on every LIST from then on until ``until()`` holds (say, until a write built on it
+    was refused), so a reader that writes nothing cannot use it up first. Returns the reaction
+    (install it with ``em["list", kmock.resource(resource)] << reaction``) and a list with one
+    entry per stale list served.
     """
     served: list[int] = []
 
     def reaction(request: Any) -> dict:
-        if served or not when():
+        done = until() if until is not None else bool(served)
+        if done or not when():
             raise NotImplementedError  # fall through to the emulator's normal list
         served.append(1)
         items = []

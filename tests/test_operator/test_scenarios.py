@@ -131,15 +131,20 @@ def test_lifecycle_create_update_ep_scale_conflict_delete(start_operator, custom
 
 
 def _stale_config_map_list(emulator, decode_batch: int):
-    """A LIST reaction serving the ConfigMaps one resourceVersion old, once, as soon as the
-    MoEDeployment asks for ``decode_batch`` (so a resync racing the edit cannot use it up)."""
+    """A LIST reaction serving the ConfigMaps one resourceVersion old from the moment the
+    MoEDeployment asks for ``decode_batch`` until a ConfigMap patch built on it got its 409.
+
+    A resync that still holds the old body may list first and write nothing (its desired
+    ConfigMap is the live one); the lag lasts past it, so the reconcile of the edit sees it.
+    """
     moeds = kmock.resource("moeshard.io/v1alpha1/moedeployments")
 
     def edited() -> bool:
         moed = emulator.emulator.objects[moeds, NS, "tiny"].raw
         return moed["spec"].get("workload", {}).get("decodeBatch") == decode_batch
 
-    return stale_list_reaction(emulator, CM, NS, "ConfigMapList", when=edited)[0]
+    return stale_list_reaction(emulator, CM, NS, "ConfigMapList", when=edited,
+                               until=lambda: "ConfigMap/tiny-config" in emulator.emulator.conflicts)[0]
 
 
 def test_bad_specs_get_conditions_while_good_ones_are_served(start_operator, custom, kube, emulator, example,
