@@ -156,7 +156,8 @@ def architecture_from_hf_config(config: dict, name: str = "custom") -> ModelArch
         num_attention_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size, first_dense_layers=cfg.dense_layers,
         dense_intermediate_size=cfg.dense_intermediate_size if cfg.dense_layers else 0,
-        shared_experts=cfg.shared_experts, expert_groups=cfg.expert_groups, tie_embeddings=cfg.tie_word_embeddings, source="config.json",
+        shared_experts=cfg.shared_experts, expert_groups=cfg.expert_groups, tie_embeddings=cfg.tie_word_embeddings,
+        source="config.json",
     )
     mla = cfg.latent_attention
     if mla is None:
